@@ -65,9 +65,9 @@ def create_method(
     return _method_class(name)(shapes, max_rank, scale=scale, seed=seed, **options)
 
 
-def save_state(method: Method, path: str | Path) -> None:
-    """Write ``method.state_dict()`` to a safetensors file (JSON metadata, no pickle)."""
-    state = method.state_dict()
+def save_state(method: Method | Mapping[str, Any], path: str | Path) -> None:
+    """Write a method's ``state_dict()`` (or the dict itself) to safetensors (JSON metadata, no pickle)."""
+    state = method.state_dict() if isinstance(method, Method) else method
     tensors = {key: value.contiguous() for key, value in state["tensors"].items()}
     save_file(tensors, str(path), metadata={"fedray": json.dumps(state["meta"])})
 

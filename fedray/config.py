@@ -1,0 +1,221 @@
+"""The run spec: one typed schema, loaded from YAML with ``dotted.key=value`` overrides.
+
+Every field has a default and a line saying what it is. ``load_spec`` validates the whole
+spec before anything expensive starts and raises ``SpecError`` with one sentence per
+problem, naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedray.data import create_partitioner
+from fedray.methods import METHODS, create_method, method_options
+
+
+class SpecError(ValueError):
+    """A run spec that cannot run; the message says what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainSpec(_Strict):
+    """Local training on each client."""
+
+    local_steps: int | None = Field(10, ge=1, description="optimizer steps per client per round")
+    local_epochs: float | None = Field(None, gt=0, description="passes over the shard instead of local_steps")
+    batch_size: int = Field(16, ge=1, description="examples per step")
+    lr: float = Field(5e-4, gt=0, description="learning rate")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW) or L2 (SGD)")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm; null for none")
+    max_seq_len: int = Field(64, ge=8, description="tokens per example after truncation")
+    train_head: bool = Field(True, description="train the task head too (averaged by data size)")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainSpec:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("set exactly one of train.local_steps and train.local_epochs (the other to null)")
+        return self
+
+
+class EvalSpec(_Strict):
+    """Evaluation of the global model on the server's test split."""
+
+    every: int = Field(1, ge=1, description="evaluate every this many rounds (and after the last)")
+    max_examples: int | None = Field(400, ge=1, description="test examples used; null for the whole split")
+    batch_size: int = Field(64, ge=1, description="examples per evaluation batch")
+    max_new_tokens: int = Field(24, ge=1, description="generation tasks: greedy tokens per example")
+
+
+class ResourcesSpec(_Strict):
+    """What each client task asks Ray for."""
+
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per client task")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per client task; fractions share a GPU")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per task; default from num_cpus")
+    aggregator_threads: int = Field(
+        1, ge=1, description="torch threads of the aggregation actor (raise it on a large head node)"
+    )
+
+
+class Spec(_Strict):
+    """One federated run."""
+
+    name: str = Field("fedray", min_length=1, description="experiment name in MLflow")
+    seed: int = Field(0, ge=0, description="seed of every random choice in the run")
+
+    method: str = Field("fedplora", description=f"one of {sorted(METHODS)}")
+    method_options: dict[str, Any] = Field(default_factory=dict, description="options of the method")
+    max_rank: int = Field(16, ge=1, description="global LoRA rank R")
+    scale: float = Field(2.0, gt=0, description="LoRA scale s, one constant for every client and rank")
+
+    ranks: list[int] = Field([2, 4, 8, 16], min_length=1, description="client ranks to draw from")
+    rank_proportions: list[float] | None = Field(None, description="share of clients per rank; default equal")
+
+    model: str = Field("minilm", description="model registry name, local folder or hub id")
+    target_modules: list[str] | None = Field(None, description="LoRA targets; default per architecture")
+
+    dataset: str = Field("rotten_tomatoes", description="dataset registry name, local file or hub name")
+    dataset_options: dict[str, Any] = Field(default_factory=dict, description="columns, config, max_examples")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of the data held out for the server")
+
+    partition: Literal["iid", "dirichlet", "by_key"] = Field("dirichlet", description="how data is split")
+    partition_options: dict[str, Any] = Field(default_factory=dict, description="e.g. alpha, min_size")
+    num_clients: int = Field(20, ge=1, description="clients in the federation")
+    clients_per_round: int | float = Field(4, gt=0, description="count, or fraction of num_clients if < 1")
+    rounds: int = Field(10, ge=1, description="federated rounds")
+
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Spec:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is unknown; choose one of {sorted(METHODS)}")
+        allowed = method_options(self.method)
+        for key in self.method_options:
+            if key not in allowed:
+                raise ValueError(f"method_options.{key} is not an option of {self.method}; its options are {allowed}")
+        # Building the method on a tiny probe layer checks the option values too.
+        probe = {"probe": (self.max_rank, self.max_rank)}
+        create_method(self.method, probe, self.max_rank, scale=self.scale, **self.method_options)
+        try:
+            create_partitioner(self.partition, **self.partition_options)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"partition_options do not fit partition={self.partition}: {error}") from None
+        for rank in self.ranks:
+            if not 1 <= rank <= self.max_rank:
+                raise ValueError(f"ranks contains {rank}; every rank must be in [1, max_rank={self.max_rank}]")
+        if self.rank_proportions is not None:
+            if len(self.rank_proportions) != len(self.ranks):
+                raise ValueError(
+                    f"rank_proportions has {len(self.rank_proportions)} entries but ranks has {len(self.ranks)}"
+                )
+            if any(p < 0 for p in self.rank_proportions) or abs(sum(self.rank_proportions) - 1) > 1e-6:
+                raise ValueError(f"rank_proportions {self.rank_proportions} must be non-negative and sum to 1")
+        if self.method == "fedit" and set(self.ranks) != {self.max_rank}:
+            raise ValueError(
+                f"method fedit is homogeneous: set ranks=[{self.max_rank}] (= max_rank) or pick a heterogeneous method"
+            )
+        if isinstance(self.clients_per_round, float) and self.clients_per_round > 1:
+            raise ValueError(f"clients_per_round={self.clients_per_round}: a fraction must be in (0, 1]")
+        if self.sampled_clients > self.num_clients:
+            raise ValueError(
+                f"clients_per_round={self.clients_per_round} exceeds num_clients={self.num_clients}; lower it"
+            )
+        return self
+
+    @property
+    def sampled_clients(self) -> int:
+        """Clients sampled each round."""
+        if isinstance(self.clients_per_round, float):
+            return max(1, round(self.clients_per_round * self.num_clients))
+        return self.clients_per_round
+
+    def flat(self) -> dict[str, Any]:
+        """The spec as ``{dotted.key: value}`` (for MLflow params)."""
+        return _flatten(self.model_dump())
+
+
+def load_spec(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Read a YAML spec (or the defaults), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"spec file {str(path)!r} does not exist; pass a YAML file such as jobs/quickstart.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise SpecError(f"spec file {str(path)!r} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise SpecError(f"spec file {str(path)!r} must hold a mapping of fields, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override)
+    return validate_spec(raw)
+
+
+def validate_spec(raw: dict[str, Any]) -> Spec:
+    """A ``Spec`` from plain data, or ``SpecError`` naming the first bad field."""
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_explain(error, raw)) from None
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise SpecError(f"override {override!r} must look like key=value (e.g. rounds=4 or train.lr=1e-3)")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"override {override!r}: {part!r} is not a section of the spec")
+        node = child
+    node[parts[-1]] = value
+
+
+def _explain(error: ValidationError, raw: dict[str, Any]) -> str:
+    first = error.errors()[0]
+    location = [str(part) for part in first["loc"]]
+    field = ".".join(location)
+    if first["type"] == "extra_forbidden":
+        section: type[BaseModel] = Spec
+        for part in location[:-1]:
+            annotation = section.model_fields[part].annotation
+            section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else section
+        known = list(section.model_fields)
+        close = difflib.get_close_matches(location[-1], known, n=1)
+        hint = f"did you mean {'.'.join([*location[:-1], close[0]])!r}?" if close else f"known fields: {known}"
+        return f"unknown spec field {field!r}; {hint}"
+    message = first["msg"].removeprefix("Value error, ")
+    if not field:
+        return f"invalid spec: {message}"
+    return f"invalid spec field {field!r} = {first.get('input')!r}: {message}"
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

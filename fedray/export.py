@@ -1,0 +1,291 @@
+"""What a finished run leaves behind: its global model as a standard PEFT LoRA folder, and figures.
+
+``export_adapter`` factors every layer's dense global delta into rank-R LoRA factors (the
+best rank-R approximation, Eckart-Young) and writes them, with the trained task head, as
+a folder that ``PeftModel.from_pretrained(base_model, folder)`` loads with no fedray code.
+The run's single scale ``s`` becomes ``lora_alpha = s * R`` so that peft's
+``lora_alpha / r`` equals ``s`` (shared/METHODS.md).
+
+``plot_module_similarity`` draws Fed-PLoRA's module-alignment heatmap: how similar module
+j of one client is to module j' of another after the last round.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.colors import Colormap
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from fedray.methods.lowrank import Fold, LowRank, svd
+from fedray.models import target_layers
+
+#: Prefix of the modules peft puts around the model.
+PEFT_PREFIX = "base_model.model."
+#: Name of the one adapter an export holds (peft's default, dropped from the saved keys).
+ADAPTER_NAME = "default"
+#: Model-class name endings -> the peft task type that restores that model class's head.
+TASK_TYPES = {"ForSequenceClassification": TaskType.SEQ_CLS, "ForCausalLM": TaskType.CAUSAL_LM}
+#: Colour range of the similarity heatmap: cosine similarities lie in [-1, 1].
+SIMILARITY_RANGE = (-1.0, 1.0)
+#: Sequential colour map: aligned modules (similarity near 1) show bright, as in the paper's figure.
+COLOUR_MAP = "viridis"
+#: Colour of heatmap cells no pair of clients covers (NaN); viridis has no white.
+MISSING_COLOUR = "white"
+#: Size of the heatmap figure in inches.
+FIGURE_SIZE_IN = (6.0, 5.0)
+#: Resolution of the saved PNG.
+FIGURE_DPI = 120
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """How much of the global delta the rank-R export could not carry."""
+
+    #: ||delta - best rank-R approximation||_F / ||delta||_F over all layers together (0 for a zero delta).
+    dropped_fraction: float
+    #: The same fraction for each layer on its own.
+    per_layer_dropped: dict[str, float]
+    #: The LoRA rank of the export (R).
+    rank: int
+
+
+def export_adapter(
+    out_dir: str | Path,
+    *,
+    base_model: PreTrainedModel,
+    global_delta: Mapping[str, Fold],
+    head: Mapping[str, Tensor] | None,
+    scale: float,
+    max_rank: int,
+    source: str,
+) -> ExportInfo:
+    """Write the global model (W0 + ``global_delta``, task head ``head``) as a PEFT LoRA folder.
+
+    Each layer's delta is factored at rank ``max_rank`` from the SVD of ``delta / scale``:
+    ``B = U_R S_R^(1/2)``, ``A = S_R^(1/2) V_R^T``, so ``scale * B @ A`` is the best rank-R
+    approximation (exact when the delta's rank is at most R). A delta given as ``LowRank``
+    factors is decomposed from them, without a dense d x k SVD. ``head`` ({parameter name:
+    value}, None keeps the base's head) goes into ``modules_to_save``. ``source`` is recorded
+    as the adapter's ``base_model_name_or_path``. ``base_model`` is not modified: peft wraps a
+    copy of its module tree that shares the (untouched) weights.
+    """
+    if not scale > 0:
+        raise ValueError(f"scale={scale} is invalid; pass the run's LoRA scale, a positive number.")
+    if max_rank < 1:
+        raise ValueError(f"max_rank={max_rank} is invalid; pass the run's global LoRA rank, 1 or more.")
+    if not global_delta:
+        raise ValueError("global_delta is empty; pass the run's global delta, one matrix per target layer.")
+    _check_delta_shapes(base_model, global_delta)
+    model = _model_with_head(base_model, head)
+    factors, per_layer_dropped, dropped_sq, total_sq = {}, {}, 0.0, 0.0
+    for layer, delta in global_delta.items():
+        B, A, layer_dropped_sq, layer_total_sq = _rank_factors(_divided(delta, scale), max_rank)
+        factors[layer] = (B, A)
+        per_layer_dropped[layer] = _fraction(layer_dropped_sq, layer_total_sq)
+        dropped_sq += layer_dropped_sq
+        total_sq += layer_total_sq
+
+    # A head is named by its top-level module (classifier, score), as in fedray.client. A task
+    # type of SEQ_CLS makes peft save that module even without a trained head.
+    head_modules = sorted({name.split(".")[0] for name in head}) if head else None
+    config = LoraConfig(
+        r=max_rank,
+        lora_alpha=scale * max_rank,
+        target_modules=list(global_delta),
+        modules_to_save=head_modules,
+        lora_dropout=0.0,
+        bias="none",
+        task_type=_task_type(base_model),
+    )
+    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+    _load_factors(peft_model, factors, scale)
+    saved_config = peft_model.peft_config[ADAPTER_NAME]
+    saved_config.base_model_name_or_path = source
+    if saved_config.modules_to_save is not None:
+        # peft appends its own head names for SEQ_CLS; list each module once.
+        saved_config.modules_to_save = list(dict.fromkeys(saved_config.modules_to_save))
+    # No embedding layer is a target, so peft need not look the source up to decide whether to save one.
+    peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
+    return ExportInfo(
+        dropped_fraction=_fraction(dropped_sq, total_sq), per_layer_dropped=per_layer_dropped, rank=max_rank
+    )
+
+
+def plot_module_similarity(
+    client_modules: Sequence[Mapping[int, Tensor]],
+    out_png: str | Path,
+    *,
+    max_rank: int,
+    title: str,
+) -> np.ndarray:
+    """Heatmap of Fed-PLoRA module alignment across clients; returns the R x R matrix it draws.
+
+    ``client_modules[a][j]`` is client a's trained module j as one vector (its B column and
+    A row of every layer, concatenated). ``M[j, j']`` is the mean cosine similarity of module
+    j of client a and module j' of client b over every pair of different clients a != b
+    that trained j and j' respectively; NaN where no such pair exists.
+    """
+    if max_rank < 1:
+        raise ValueError(f"max_rank={max_rank} is invalid; pass the run's global LoRA rank, 1 or more.")
+    lengths = {vector.numel() for modules in client_modules for vector in modules.values()}
+    if len(lengths) > 1:
+        raise ValueError(
+            f"module vectors have different lengths {sorted(lengths)}; every module must concatenate the same layers."
+        )
+    # Sum over ordered pairs a != b = (sum over all a, b) - (sum over a = b), so one pass over
+    # the clients holds a single R x D sum, never every client's vectors at once.
+    summed_units = torch.zeros(max_rank, lengths.pop() if lengths else 0, dtype=torch.float64)
+    summed_trained = torch.zeros(max_rank, dtype=torch.float64)
+    cosine_sum = torch.zeros(max_rank, max_rank, dtype=torch.float64)
+    pair_counts = torch.zeros(max_rank, max_rank, dtype=torch.float64)
+    for modules in client_modules:
+        units, trained = _unit_module_vectors(modules, summed_units.shape)
+        summed_units += units
+        summed_trained += trained
+        cosine_sum -= units @ units.T
+        pair_counts -= torch.outer(trained, trained)
+    cosine_sum += summed_units @ summed_units.T
+    pair_counts += torch.outer(summed_trained, summed_trained)
+    similarity = torch.where(pair_counts > 0, cosine_sum / pair_counts.clamp(min=1), torch.nan).numpy()
+    _draw_heatmap(similarity, Path(out_png), title)
+    return similarity
+
+
+def _check_delta_shapes(model: PreTrainedModel, global_delta: Mapping[str, Fold]) -> None:
+    """One clear error for a layer the model lacks or a delta of the wrong shape."""
+    module_names = {name for name, _ in model.named_modules()}
+    for layer, delta in global_delta.items():
+        if layer not in module_names:
+            raise ValueError(
+                f"global_delta has layer {layer!r}, which the base model does not have; export a delta "
+                "of the run's own base model, keyed by full module names."
+            )
+        try:
+            ((_, shape),) = target_layers(model, (layer,)).items()
+        except ValueError:
+            raise ValueError(
+                f"global_delta has layer {layer!r}, which is not a Linear layer of the base model; "
+                "LoRA deltas belong to Linear layers only."
+            ) from None
+        if tuple(delta.shape) != shape:
+            raise ValueError(
+                f"global_delta[{layer!r}] has shape {tuple(delta.shape)} but the layer is (out, in) = {shape}; "
+                "export the delta of the run's own base model."
+            )
+
+
+def _model_with_head(base_model: PreTrainedModel, head: Mapping[str, Tensor] | None) -> PreTrainedModel:
+    """A copy of ``base_model``'s module tree with ``head``'s values in the task head.
+
+    The copy is shallow in the weights: its modules hold the base's own tensors, so peft can
+    replace modules in it without touching ``base_model``'s tree, and nothing large is duplicated.
+    """
+    shared_tensors = {id(tensor): tensor for tensor in (*base_model.parameters(), *base_model.buffers())}
+    model = copy.deepcopy(base_model, shared_tensors)
+    parameters = dict(model.named_parameters())
+    for name, value in (head or {}).items():
+        if name not in parameters:
+            raise ValueError(f"head has parameter {name!r}, which the base model does not have; pass its task head.")
+        original = parameters[name]
+        if value.shape != original.shape:
+            raise ValueError(
+                f"head parameter {name!r} has shape {tuple(value.shape)} but the model's is "
+                f"{tuple(original.shape)}; pass the head trained on this base model."
+            )
+        # New tensors, not writes into the shared ones; peft copies them into modules_to_save.
+        module_name, _, attribute = name.rpartition(".")
+        new = value.detach().to(device=original.device, dtype=original.dtype).clone()
+        setattr(model.get_submodule(module_name), attribute, torch.nn.Parameter(new, requires_grad=False))
+    return model
+
+
+def _divided(matrix: Fold, divisor: float) -> Fold:
+    if isinstance(matrix, LowRank):
+        return LowRank(matrix.left / divisor, matrix.right)
+    return matrix / divisor
+
+
+def _rank_factors(matrix: Fold, rank: int) -> tuple[Tensor, Tensor, float, float]:
+    """B (d x R), A (R x k) with B @ A the best rank-R approximation of ``matrix``, and the
+    squared norms of what it drops and of the whole matrix. Zero columns pad a layer whose
+    sides are shorter than R."""
+    decomposition = svd(matrix)
+    kept = min(rank, decomposition.S.numel())
+    root = decomposition.S[:kept].sqrt()
+    d, k = matrix.shape
+    B = torch.zeros(d, rank, dtype=root.dtype, device=root.device)
+    A = torch.zeros(rank, k, dtype=root.dtype, device=root.device)
+    B[:, :kept] = decomposition.U[:, :kept] * root
+    A[:kept] = root[:, None] * decomposition.Vh[:kept]
+    squares = decomposition.S.square()
+    return B, A, float(squares[kept:].sum()), float(squares.sum())
+
+
+def _fraction(dropped_sq: float, total_sq: float) -> float:
+    """sqrt(dropped / total), 0 for a zero matrix (nothing to drop)."""
+    return float(np.sqrt(dropped_sq / total_sq)) if total_sq > 0 else 0.0
+
+
+def _task_type(model: PreTrainedModel) -> TaskType | None:
+    """The peft task type of the model's class, so loading builds the matching PeftModel; None if unknown."""
+    class_name = type(model).__name__
+    return next((task for ending, task in TASK_TYPES.items() if class_name.endswith(ending)), None)
+
+
+def _load_factors(peft_model: PeftModel, factors: Mapping[str, tuple[Tensor, Tensor]], scale: float) -> None:
+    for layer, (B, A) in factors.items():
+        wrapper = peft_model.get_submodule(PEFT_PREFIX + layer)
+        assert wrapper.scaling[ADAPTER_NAME] == scale, (wrapper.scaling, scale)
+        with torch.no_grad():
+            wrapper.lora_B[ADAPTER_NAME].weight.copy_(B)
+            wrapper.lora_A[ADAPTER_NAME].weight.copy_(A)
+
+
+def _unit_module_vectors(modules: Mapping[int, Tensor], shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """One client's R x D unit vectors (zeros where it did not train a module) and its 0/1 mask
+    of trained modules, in float64."""
+    max_rank = shape[0]
+    units = torch.zeros(shape, dtype=torch.float64)
+    trained = torch.zeros(max_rank, dtype=torch.float64)
+    for module, vector in modules.items():
+        if not 0 <= module < max_rank:
+            raise ValueError(f"module index {module} is outside 0..{max_rank - 1}; pass the run's max_rank.")
+        units[module] = torch.nn.functional.normalize(vector.detach().cpu().double().flatten(), dim=0)
+        trained[module] = 1.0
+    return units, trained
+
+
+def _draw_heatmap(similarity: np.ndarray, out_png: Path, title: str) -> None:
+    # A bare Figure renders with Agg and leaves pyplot's global state (and backend) alone.
+    figure = Figure(figsize=FIGURE_SIZE_IN)
+    axes = figure.add_subplot()
+    image = axes.imshow(
+        np.ma.masked_invalid(similarity),
+        cmap=_colour_map(),
+        vmin=SIMILARITY_RANGE[0],
+        vmax=SIMILARITY_RANGE[1],
+        origin="upper",
+    )
+    figure.colorbar(image, ax=axes, label="mean cosine similarity")
+    axes.set_xlabel("module j' (client b)")
+    axes.set_ylabel("module j (client a)")
+    axes.set_title(title)
+    for axis in (axes.xaxis, axes.yaxis):
+        axis.set_major_locator(MaxNLocator(integer=True))
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_png, dpi=FIGURE_DPI, bbox_inches="tight")
+
+
+def _colour_map() -> Colormap:
+    return colormaps[COLOUR_MAP].with_extremes(bad=MISSING_COLOUR)

@@ -1,0 +1,144 @@
+"""Local training and evaluation on the real MiniLM and real Rotten Tomatoes data."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from fedray.client import Workbench, train_client
+from fedray.config import load_spec
+from fedray.data import load_dataset
+from fedray.methods import ClientUpdate, create_method
+from fedray.models import ModelSpec, export_base, load_base
+
+SCALE = 2.0
+
+
+@pytest.fixture(scope="module")
+def shared():
+    base = load_base(ModelSpec("minilm", "classification", num_labels=2, seed=0))
+    shared = export_base(base)
+    for array in shared.arrays.values():
+        array.setflags(write=False)  # as Ray's object store hands them out
+    return shared
+
+
+@pytest.fixture(scope="module")
+def bench(shared):
+    torch.set_num_threads(2)
+    return Workbench(shared)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_dataset("rotten_tomatoes", split_seed=0)
+
+
+def _spec(**train):
+    overrides = [f"train.{key}={value}" for key, value in train.items()]
+    return load_spec(None, ["train.max_seq_len=32", "train.batch_size=16", "eval.batch_size=100", *overrides])
+
+
+def _digest(shared) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(shared.arrays):
+        digest.update(shared.arrays[key].tobytes())
+    return digest.hexdigest()
+
+
+def test_training_lowers_the_loss_and_beats_chance_without_touching_the_base(bench, shared, split):
+    before = _digest(shared)
+    spec = _spec(local_steps=40, lr=2e-3)
+    method = create_method("fedplora", bench.layers, 8, scale=SCALE, seed=0)
+    shard = split.train.subset(np.arange(320))
+    test = split.test.subset(np.arange(300))
+    head = bench.head_state()
+    start = bench.evaluate(method.global_delta(), shard, spec, head=head)
+
+    result = train_client(bench, method.client_init(0, 4), shard, spec, head=head, seed=0)
+    method.aggregate([result.update])
+    trained = bench.evaluate(method.global_delta(), shard, spec, head=result.head)
+    tested = bench.evaluate(method.global_delta(), test, spec, head=result.head)
+
+    assert trained["eval_loss"] < start["eval_loss"] - 0.05
+    assert tested["eval_accuracy"] > 0.6  # two balanced classes: chance is 0.5
+    assert result.metrics["steps"] == 40 and result.metrics["examples"] == 320
+    assert result.update.B[next(iter(bench.layers))].shape[1] == 4
+    assert _digest(shared) == before
+    # The workbench's model is the shared copy again, with no LoRA left behind.
+    for name, array in shared.arrays.items():
+        if name in dict(bench.model.named_parameters()):
+            assert dict(bench.model.named_parameters())[name].data_ptr() == array.ctypes.data
+
+
+def test_fedplora_client_starts_from_the_global_model(bench, split):
+    method = create_method("fedplora", bench.layers, 8, scale=SCALE, seed=1)
+    generator = torch.Generator().manual_seed(0)
+    # A non-trivial global adapter: one round of made-up training.
+    init = method.client_init(0, 8)
+    B = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in init.B.items()}
+    A = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in init.A.items()}
+    method.aggregate([ClientUpdate(0, 8, 1, B, A)])
+    batch = next(iter(_batches(bench, split)))
+    with bench.patched(method.global_delta(), None):
+        global_logits = bench.model(**batch).logits
+    init = method.client_init(1, 3)
+    assert init.fold  # three of eight modules train, five are folded
+    with bench.client_model(init) as (model, _, _):
+        client_logits = model(**batch).logits
+    torch.testing.assert_close(client_logits, global_logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(global_logits, bench.model(**batch).logits, atol=1e-3)
+
+
+def _batches(bench, split):
+    from fedray.data import make_batches
+
+    for batch in make_batches(bench.tokenizer, split.test, np.arange(8), batch_size=8, max_seq_len=32):
+        batch.pop("labels")
+        yield batch
+
+
+def test_same_seed_same_client(bench, split):
+    spec = _spec(local_steps=3)
+    shard = split.train.subset(np.arange(48))
+    results = []
+    for _ in range(2):
+        method = create_method("hlora", bench.layers, 4, scale=SCALE, seed=0)
+        results.append(train_client(bench, method.client_init(0, 2), shard, spec, head=bench.head_state(), seed=5))
+    for layer in bench.layers:
+        assert torch.equal(results[0].update.B[layer], results[1].update.B[layer])
+    assert results[0].metrics["train_loss"] == results[1].metrics["train_loss"]
+
+
+def test_empty_shard_is_refused(bench, split):
+    method = create_method("flora", bench.layers, 4)
+    with pytest.raises(ValueError, match="client 0 has an empty shard"):
+        train_client(bench, method.client_init(0, 2), split.train.subset([]), _spec(local_steps=1))
+
+
+def test_smollm2_trains_and_scores_titles(tmp_path_factory):
+    spec = load_spec(
+        None,
+        [
+            "model=smollm2-135m",
+            "dataset=bbc_titles",
+            "train.local_steps=1",
+            "train.batch_size=2",
+            "train.max_seq_len=64",
+            "eval.max_new_tokens=8",
+            "eval.batch_size=4",
+        ],
+    )
+    split = load_dataset("bbc_titles", split_seed=0)
+    base = load_base(ModelSpec("smollm2-135m", "generation"))
+    bench = Workbench(export_base(base))
+    assert len(bench.layers) == 60  # q_proj and v_proj of 30 layers
+    method = create_method("hlora", bench.layers, 4, scale=SCALE)
+    result = train_client(bench, method.client_init(0, 2), split.train.subset(np.arange(4)), spec)
+    assert np.isfinite(result.metrics["train_loss"])
+    method.aggregate([result.update])
+    metrics = bench.evaluate(method.global_delta(), split.test.subset(np.arange(4)), spec)
+    assert 0.0 <= metrics["eval_rougeL"] <= 1.0 and np.isfinite(metrics["eval_loss"])
