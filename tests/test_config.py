@@ -1,0 +1,85 @@
+"""The run spec and the CLI's handling of bad input (before any compute)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedray.cli import EXIT_BAD_INPUT, main
+from fedray.config import SpecError, load_spec
+
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+
+
+def test_overrides_reach_nested_fields_with_yaml_types():
+    spec = load_spec(JOBS / "quickstart.yaml", ["rounds=4", "method=hlora", "train.lr=1e-3", "ranks=[2,4]"])
+    assert (spec.rounds, spec.method, spec.train.lr, spec.ranks) == (4, "hlora", 1e-3, [2, 4])
+    assert load_spec(None, ["clients_per_round=0.25", "num_clients=20"]).sampled_clients == 5
+
+
+def test_method_specs_extend_the_quickstart():
+    quick = load_spec(JOBS / "quickstart.yaml")
+    for method in ("fedit", "flora", "flexlora", "hetlora", "hlora"):
+        spec = load_spec(JOBS / f"{method}.yaml")
+        assert spec.method == method and spec.name == quick.name
+        assert spec.train == quick.train and spec.partition_options == quick.partition_options
+    assert load_spec(JOBS / "fedit.yaml").ranks == [16]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["roundz=3"], "unknown spec field 'roundz'; did you mean 'rounds'?"),
+        (["train.lrr=1"], "unknown spec field 'train.lrr'; did you mean 'train.lr'?"),
+        (["rounds=many"], "invalid spec field 'rounds' = 'many': Input should be a valid integer"),
+        (["method=lora"], "method 'lora' is unknown; choose one of"),
+        (["ranks=[2,32]"], "ranks contains 32; every rank must be in [1, max_rank=16]"),
+        (["clients_per_round=1.5"], "a fraction must be in (0, 1]"),
+        (["clients_per_round=40"], "exceeds num_clients=20"),
+        (["method=fedit"], "method fedit is homogeneous: set ranks=[16]"),
+        (["method_options.weighting=norm"], "method_options.weighting is not an option of fedplora"),
+        (["method=hetlora", "method_options.weighting=size"], "weighting must be one of"),
+        (["partition=iid"], "partition_options do not fit partition=iid"),
+        (["train.local_epochs=1"], "set exactly one of train.local_steps and train.local_epochs"),
+        (["rounds"], "override 'rounds' must look like key=value"),
+    ],
+)
+def test_bad_specs_get_one_clear_sentence(overrides, message):
+    with pytest.raises(SpecError) as error:
+        load_spec(JOBS / "quickstart.yaml", overrides)
+    assert message in str(error.value)
+
+
+def test_missing_and_malformed_spec_files(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match="must hold a mapping"):
+        load_spec(tmp_path / "list.yaml")
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(SpecError, match="is it circular"):
+        load_spec(tmp_path / "loop.yaml")
+
+
+def test_cli_refuses_bad_input_with_exit_code_2(capsys, tmp_path):
+    assert main(["run", str(JOBS / "quickstart.yaml"), "roundz=3"]) == EXIT_BAD_INPUT
+    assert "did you mean 'rounds'" in capsys.readouterr().err
+    # Bad names that only the registries know fail before Ray or MLflow start.
+    run_dir = tmp_path / "run"
+    code = main(["run", str(JOBS / "quickstart.yaml"), "dataset=no_such_data", "--run-dir", str(run_dir), "--quiet"])
+    assert code == EXIT_BAD_INPUT and not run_dir.exists()
+    assert "no_such_data" in capsys.readouterr().err
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path):
+    command = [
+        sys.executable, "-m", "fedray.cli", "run", str(JOBS / "quickstart.yaml"),
+        "--tracking-uri", "http://127.0.0.1:9", "--run-dir", str(tmp_path / "run"), "--quiet",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == EXIT_BAD_INPUT
+    assert "the MLflow server at http://127.0.0.1:9 does not answer" in done.stderr
+    assert not (tmp_path / "run").exists()
