@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt constraints/data.txt
 
 test: install
 	$(VENV)/bin/ruff check fedray tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 run: install
 	$(VENV)/bin/fedray run jobs/quickstart.yaml

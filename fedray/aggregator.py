@@ -1,13 +1,18 @@
 """The aggregation actor: owns the method state, streams client results into it, logs.
 
-Client results reach the actor as ObjectRefs; it pulls each one as it finishes
-(``ray.wait``) and feeds it straight into the method's streaming ``aggregate``, so
-neither it nor the driver ever holds a whole round of updates.
+During a round the driver hands the actor each finished client's result as an ObjectRef
+(``add``); a background thread of the actor pulls it and feeds it straight into the
+method's streaming ``aggregate``, so neither the actor nor the driver ever holds a whole
+round of updates. Every update is checked before it can touch the global state; a bad
+one is rejected with its reason and the round goes on.
 """
 
 from __future__ import annotations
 
+import math
+import queue
 import statistics
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +22,17 @@ import torch
 
 from fedray.client import ClientResult
 from fedray.config import Spec
+from fedray.live_metrics import LiveMetrics
 from fedray.methods import ClientInit, ClientUpdate, create_method
+from fedray.methods.lowrank import LowRank, fro_norm
 from fedray.tracking import Tracker
+
+#: Marks the end of a round's results in the actor's queue.
+_END = None
+
+
+class TooFewClients(RuntimeError):
+    """Fewer clients survived than ``reliability.min_clients_per_round``."""
 
 
 @dataclass
@@ -29,6 +43,7 @@ class _RoundLog:
     weighted_loss: float = 0.0
     examples: int = 0
     failures: dict[str, str] = field(default_factory=dict)
+    clipped: int = 0
     head_sum: dict[str, torch.Tensor] | None = None
     #: Fed-PLoRA, last round: per client, {module j: its trained factors, flattened}.
     modules: list[dict[int, torch.Tensor]] = field(default_factory=list)
@@ -36,6 +51,13 @@ class _RoundLog:
 
 @ray.remote(num_cpus=0)
 class Aggregator:
+    """Method state, head, tracking and live metrics of one run.
+
+    Calls run one at a time, in the order the driver sent them; ``add`` only queues a
+    result for the round's background aggregation thread, which is the one place the
+    method's state changes during a round.
+    """
+
     def __init__(
         self,
         spec: Spec,
@@ -52,9 +74,14 @@ class Aggregator:
         )
         self.head = dict(head) if head else None
         self.tracker = Tracker(tracking_uri, run_id)
+        self.live = LiveMetrics(run_id, spec.method)
         self.inits: dict[int, ClientInit] = {}
         self.workers: dict[str, dict[str, Any]] = {}
         self.last_modules: list[dict[int, torch.Tensor]] = []
+        self._round: _Round | None = None
+        self._client_seconds: list[float] = []
+
+    # ------------------------------------------------------------ between rounds
 
     def client_init(self, client_id: int, rank: int) -> ClientInit:
         init = self.method.client_init(client_id, rank)
@@ -67,16 +94,63 @@ class Aggregator:
     def global_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         return self.method.global_delta(), self.head
 
-    def run_round(self, round_index: int, result_box: list, collect_modules: bool) -> dict[str, float]:
-        """Aggregate the round's client results (``result_box[0]``: their ObjectRefs) and log it."""
-        log = _RoundLog()
-        stats = self.method.aggregate(self._updates(result_box[0], log, collect_modules))
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        """Everything a checkpoint holds: the method's state dict and the head."""
+        return self.method.state_dict(), self.head
+
+    def load_state(self, method_state: Mapping[str, Any], head: Mapping[str, torch.Tensor] | None) -> None:
+        self.method.load_state_dict(method_state)
+        self.head = dict(head) if head else None
+
+    def log_metrics(self, round_index: int, metrics: Mapping[str, float]) -> None:
+        """Record a finished round in MLflow and the live metrics."""
+        self.tracker.log_metrics(round_index, metrics)
+        self.live.record_round(metrics, self._client_seconds)
+        for name in ("eval_accuracy", "eval_rougeL"):
+            if name in metrics:
+                self.live.record_eval(metrics[name])
+
+    def module_factors(self) -> list[dict[int, torch.Tensor]]:
+        return self.last_modules
+
+    def worker_builds(self) -> dict[str, dict[str, Any]]:
+        """Per worker process, how many times it built the base model, and where it ran."""
+        return self.workers
+
+    # ------------------------------------------------------------------- a round
+
+    def begin_round(self, collect_modules: bool) -> None:
+        assert self._round is None, "a round is already open"
+        self._round = _Round(self, collect_modules)
+
+    def add(self, result_box: list) -> None:
+        """Queue one client's result (``result_box[0]`` is its ObjectRef, left unresolved)."""
+        self._round.results.put(result_box[0])
+
+    def report_failure(self, client_id: int, reason: str) -> None:
+        """A client the driver gave up on (task error, lost worker, timeout)."""
+        self._round.log.failures[str(client_id)] = reason
+
+    def end_round(self) -> dict[str, float]:
+        """Wait for the round's aggregation; return its metrics (not yet logged).
+
+        Raises ``TooFewClients`` (global state unchanged) when too few updates survived.
+        """
+        current, self._round = self._round, None
+        current.results.put(_END)
+        current.thread.join()
+        if current.error is not None:
+            self.method.abandon_round()
+            self.inits.clear()
+            raise current.error
+        stats, log = current.stats, current.log
         if log.head_sum is not None:
             self.head = {name: total / log.examples for name, total in log.head_sum.items()}
-        if collect_modules:
+        if current.collect_modules:
             self.last_modules = log.modules
+        self._client_seconds = log.client_seconds
         self.inits.clear()
-        metrics = {
+        return {
             "train_loss": log.weighted_loss / log.examples,
             "init_noise": stats.init_noise,
             "init_noise_rel": stats.init_noise_rel,
@@ -88,49 +162,63 @@ class Aggregator:
             "client_s_max": max(log.client_seconds),
             "clients_ok": float(stats.clients_aggregated),
             "clients_failed": float(len(log.failures)),
+            "updates_clipped": float(log.clipped),
             "examples": float(stats.num_examples),
+            "failures": dict(log.failures),
         }
-        self.tracker.log_metrics(round_index, metrics)
-        return metrics | {"failures": dict(log.failures)}
 
-    def log_metrics(self, round_index: int, metrics: Mapping[str, float]) -> None:
-        self.tracker.log_metrics(round_index, metrics)
+    def abandon_round(self) -> None:
+        """Drop an open round (driver interrupted): global state stays as it was."""
+        if self._round is not None:
+            self._round.abandon()
+            self._round = None
+        self.method.abandon_round()
+        self.inits.clear()
 
-    def module_factors(self) -> list[dict[int, torch.Tensor]]:
-        return self.last_modules
+    # ----------------------------------------------------------------- internals
 
-    def worker_builds(self) -> dict[str, dict[str, Any]]:
-        """Per worker process, how many times it built the base model, and where it ran."""
-        return self.workers
+    def _checked(self, update: ClientUpdate, log: _RoundLog) -> ClientUpdate | None:
+        """``update`` if it may touch the global state (clipped if the spec says so), else None."""
+        try:
+            self.method.validate(update)
+        except ValueError as error:
+            log.failures[str(update.client_id)] = f"rejected: {error}"
+            return None
+        bound = self.spec.reliability.max_update_norm
+        if bound is None:
+            return update
+        norm = math.sqrt(sum(fro_norm(LowRank(self.spec.scale * update.B[k], update.A[k])) ** 2 for k in update.B))
+        if norm <= bound:
+            return update
+        if self.spec.reliability.on_large_update == "reject":
+            log.failures[str(update.client_id)] = (
+                f"rejected: update norm {norm:.4g} exceeds reliability.max_update_norm={bound}"
+            )
+            return None
+        log.clipped += 1
+        shrink = math.sqrt(bound / norm)  # on both factors: the product shrinks by bound / norm
+        return ClientUpdate(
+            update.client_id,
+            update.rank,
+            update.num_examples,
+            {k: v * shrink for k, v in update.B.items()},
+            {k: v * shrink for k, v in update.A.items()},
+        )
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.method.state_dict()
-
-    def _updates(self, refs: list, log: _RoundLog, collect_modules: bool) -> Iterator[ClientUpdate]:
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            try:
-                result: ClientResult = ray.get(done[0])
-            except ray.exceptions.RayError as error:
-                log.failures[done[0].hex()] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-                continue
-            worker = result.metrics.pop("worker")
-            self.workers[f"{worker['node_id']}:{worker['pid']}"] = worker
-            n = result.update.num_examples
-            log.client_seconds.append(result.metrics["seconds"])
-            log.weighted_loss += result.metrics["train_loss"] * n
-            log.examples += n
-            if result.head is not None:
-                if log.head_sum is None:
-                    log.head_sum = {name: torch.zeros_like(value) for name, value in result.head.items()}
-                for name, value in result.head.items():
-                    log.head_sum[name] += n * value
-            if collect_modules:
-                log.modules.append(self._module_vectors(result.update))
-            yield result.update
-        if not log.examples:
-            raise RuntimeError(f"every client of the round failed: {log.failures}")
+    def _record_result(self, result: ClientResult, log: _RoundLog, collect_modules: bool) -> None:
+        worker = result.metrics.pop("worker")
+        self.workers[f"{worker['node_id']}:{worker['pid']}"] = worker
+        n = result.update.num_examples
+        log.client_seconds.append(result.metrics["seconds"])
+        log.weighted_loss += result.metrics["train_loss"] * n
+        log.examples += n
+        if result.head is not None:
+            if log.head_sum is None:
+                log.head_sum = {name: torch.zeros_like(value) for name, value in result.head.items()}
+            for name, value in result.head.items():
+                log.head_sum[name] += n * value
+        if collect_modules:
+            log.modules.append(self._module_vectors(result.update))
 
     def _module_vectors(self, update: ClientUpdate) -> dict[int, torch.Tensor]:
         modules = self.inits[update.client_id].modules
@@ -139,3 +227,52 @@ class Aggregator:
             for column, j in enumerate(chosen.tolist()):
                 vectors.setdefault(j, []).extend([update.B[layer][:, column], update.A[layer][column]])
         return {j: torch.cat(parts) for j, parts in vectors.items()}
+
+
+class _Round:
+    """One round's background aggregation inside the actor."""
+
+    def __init__(self, owner: Aggregator, collect_modules: bool) -> None:
+        self.owner = owner
+        self.collect_modules = collect_modules
+        self.results: queue.Queue = queue.Queue()
+        self.log = _RoundLog()
+        self.stats = None
+        self.error: BaseException | None = None
+        self._abandoned = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def abandon(self) -> None:
+        self._abandoned = True
+        self.results.put(_END)
+        self.thread.join()
+
+    def _run(self) -> None:
+        try:
+            self.stats = self.owner.method.aggregate(self._updates())
+        except BaseException as error:  # handed to end_round, which re-raises it in the actor
+            self.error = error
+
+    def _updates(self) -> Iterator[ClientUpdate]:
+        owner, log = self.owner, self.log
+        while (ref := self.results.get()) is not _END:
+            try:
+                result: ClientResult = ray.get(ref)
+            except ray.exceptions.RayError as error:
+                log.failures[ref.hex()] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                continue
+            update = owner._checked(result.update, log)
+            if update is None:
+                continue
+            owner._record_result(result, log, self.collect_modules)
+            yield update
+        if self._abandoned:
+            raise RuntimeError("round abandoned")
+        needed = owner.spec.reliability.min_clients_per_round
+        survivors = len(log.client_seconds)
+        if survivors < needed:
+            raise TooFewClients(
+                f"{survivors} client(s) survived, fewer than reliability.min_clients_per_round={needed}; "
+                f"failures: {log.failures}"
+            )

@@ -1,4 +1,4 @@
-"""``fedray`` command line: ``fedray run SPEC.yaml [key=value ...]``."""
+"""``fedray`` command line: ``fedray run SPEC.yaml [key=value ...]``, ``fedray report EXPERIMENT``."""
 
 from __future__ import annotations
 
@@ -16,31 +16,80 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedray", description="Heterogeneous federated LoRA on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="run a federated job from a YAML spec")
-    run_parser.add_argument("spec", help="YAML spec, e.g. jobs/quickstart.yaml")
+    run_parser.add_argument("spec", nargs="?", help="YAML spec, e.g. jobs/quickstart.yaml (not with --resume)")
     run_parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rounds=4 train.lr=1e-3")
     run_parser.add_argument("--run-dir", help="directory for this run's outputs (default runs/<name>/<time>)")
     run_parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///runs/mlflow.db)")
     run_parser.add_argument("--address", help="Ray cluster to join (default RAY_ADDRESS, else a local Ray)")
+    run_parser.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last complete round")
+    run_parser.add_argument(
+        "--allow-spec-change", action="store_true", help="with --resume: accept overrides of safe fields (rounds, eval)"
+    )
     run_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    report_parser = commands.add_parser("report", help="compare the runs of an experiment: plots, table, HTML")
+    report_parser.add_argument("experiment", help="MLflow experiment name (the spec's name)")
+    report_parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///runs/mlflow.db)")
+    report_parser.add_argument("--out", help="output directory (default reports/<experiment>/)")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        return _report(args.experiment, args.tracking_uri, args.out)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    overrides = list(args.overrides)
+    if args.resume:
+        # With --resume every positional word is an override.
+        overrides = [args.spec, *overrides] if args.spec else overrides
+    elif not args.spec:
+        parser.error("name a spec file (e.g. jobs/quickstart.yaml) or --resume RUN_DIR")
+
+    from fedray.server import RunFailed, resume, run
+
     try:
-        spec = load_spec(args.spec, args.overrides)
-    except SpecError as error:
+        if args.resume:
+            resume(
+                args.resume,
+                overrides,
+                allow_spec_change=args.allow_spec_change,
+                address=args.address,
+                progress=not args.quiet,
+            )
+        else:
+            spec = load_spec(args.spec, overrides)
+            run(
+                spec,
+                run_dir=args.run_dir,
+                tracking_uri=args.tracking_uri,
+                address=args.address,
+                progress=not args.quiet,
+            )
+    except (SpecError, ValueError, ConnectionError, FileExistsError, FileNotFoundError) as error:
         print(f"fedray: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-
-    from fedray.server import run
-
-    try:
-        run(spec, run_dir=args.run_dir, tracking_uri=args.tracking_uri, address=args.address, progress=not args.quiet)
-    except (ValueError, ConnectionError, FileExistsError, FileNotFoundError) as error:
+    except RunFailed as error:
         print(f"fedray: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return 1
     except KeyboardInterrupt:
-        print("fedray: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
+        where = f" {args.resume}" if args.resume else ""
+        print(
+            f"fedray: interrupted; the MLflow run is marked KILLED. Continue with `fedray run --resume{where} RUN_DIR`"
+            if not where
+            else f"fedray: interrupted; continue with `fedray run --resume{where}`",
+            file=sys.stderr,
+        )
         return 130
+    return 0
+
+
+def _report(experiment: str, tracking_uri: str | None, out: str | None) -> int:
+    from fedray.report import write_report
+
+    try:
+        report = write_report(experiment, tracking_uri=tracking_uri, out_dir=out)
+    except (ValueError, ConnectionError) as error:
+        print(f"fedray: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(report.markdown)
+    print(f"fedray: plots and HTML in {report.out_dir} (open {report.html})", file=sys.stderr)
     return 0
 
 

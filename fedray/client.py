@@ -114,8 +114,9 @@ class Workbench:
         torch.manual_seed(seed)
         train_head = settings.train_head and head is not None
         with self.client_model(init, head, train_head=train_head) as (peft_model, lora, head_params):
-            trainable = [p for pair in lora.values() for p in pair] + list(head_params.values())
-            optimizer = _optimizer(settings, trainable)
+            factors = [p for pair in lora.values() for p in pair]
+            trainable = factors + list(head_params.values())
+            optimizer = _optimizer(settings, factors, list(head_params.values()))
             losses = []
             steps = _num_steps(settings, len(shard))
             peft_model.train()
@@ -291,10 +292,13 @@ def train_client(
     return bench.train(init, shard, spec, head=head, seed=seed)
 
 
-def _optimizer(settings: TrainSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def _optimizer(settings: TrainSpec, factors: list, head: list) -> torch.optim.Optimizer:
+    groups = [{"params": factors}]
+    if head:
+        groups.append({"params": head, "lr": settings.head_lr or settings.lr})
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
 def _num_steps(settings: TrainSpec, num_examples: int) -> int:

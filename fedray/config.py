@@ -8,6 +8,8 @@ problem, naming the field, the value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +37,8 @@ class TrainSpec(_Strict):
     local_steps: int | None = Field(10, ge=1, description="optimizer steps per client per round")
     local_epochs: float | None = Field(None, gt=0, description="passes over the shard instead of local_steps")
     batch_size: int = Field(16, ge=1, description="examples per step")
-    lr: float = Field(5e-4, gt=0, description="learning rate")
+    lr: float = Field(5e-4, gt=0, description="learning rate of the LoRA factors")
+    head_lr: float | None = Field(None, gt=0, description="learning rate of the task head; default lr")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW) or L2 (SGD)")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
@@ -70,6 +73,33 @@ class ResourcesSpec(_Strict):
     )
 
 
+class FaultSpec(_Strict):
+    """Injected client faults, seeded per (round, client, try), to study robustness."""
+
+    raise_prob: float = Field(0.0, ge=0, le=1, description="chance a client task raises an exception")
+    kill_prob: float = Field(0.0, ge=0, le=1, description="chance a client task kills its worker process")
+    delay_prob: float = Field(0.0, ge=0, le=1, description="chance a client task stalls for delay_s first")
+    delay_s: float = Field(0.0, ge=0, description="how long a stalled client task sleeps")
+    corrupt_prob: float = Field(0.0, ge=0, le=1, description="chance a client sends NaN factors (a bad update)")
+
+    @model_validator(mode="after")
+    def _total(self) -> FaultSpec:
+        if self.raise_prob + self.kill_prob + self.delay_prob + self.corrupt_prob > 1:
+            raise ValueError("faults.raise_prob + kill_prob + delay_prob + corrupt_prob must be at most 1")
+        return self
+
+
+class ReliabilitySpec(_Strict):
+    """How the server treats slow, failing and untrustworthy clients."""
+
+    client_timeout_s: float | None = Field(None, gt=0, description="a client task running longer is cancelled")
+    client_retries: int = Field(1, ge=0, description="times a failed or timed-out client task is retried")
+    min_clients_per_round: int = Field(1, ge=1, description="fewer surviving clients re-run the round")
+    round_attempts: int = Field(3, ge=1, description="samples tried for one round before the run stops")
+    max_update_norm: float | None = Field(None, gt=0, description="bound on ||scale * B @ A|| of a client update")
+    on_large_update: Literal["reject", "clip"] = Field("reject", description="what to do past max_update_norm")
+
+
 class Spec(_Strict):
     """One federated run."""
 
@@ -100,6 +130,8 @@ class Spec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    reliability: ReliabilitySpec = Field(default_factory=ReliabilitySpec)
+    faults: FaultSpec = Field(default_factory=FaultSpec)
 
     @model_validator(mode="after")
     def _consistent(self) -> Spec:
@@ -132,6 +164,11 @@ class Spec(_Strict):
             )
         if isinstance(self.clients_per_round, float) and self.clients_per_round > 1:
             raise ValueError(f"clients_per_round={self.clients_per_round}: a fraction must be in (0, 1]")
+        if self.reliability.min_clients_per_round > self.sampled_clients:
+            raise ValueError(
+                f"reliability.min_clients_per_round={self.reliability.min_clients_per_round} exceeds the "
+                f"{self.sampled_clients} clients sampled per round; lower it or sample more clients"
+            )
         if self.sampled_clients > self.num_clients:
             raise ValueError(
                 f"clients_per_round={self.clients_per_round} exceeds num_clients={self.num_clients}; lower it"
@@ -144,6 +181,10 @@ class Spec(_Strict):
         if isinstance(self.clients_per_round, float):
             return max(1, round(self.clients_per_round * self.num_clients))
         return self.clients_per_round
+
+    def digest(self) -> str:
+        """A hash of the whole spec, to recognise the run a checkpoint belongs to."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:
         """The spec as ``{dotted.key: value}`` (for MLflow params)."""

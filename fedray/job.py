@@ -49,7 +49,7 @@ def client_seed(spec: Spec, round_index: int, client_id: int) -> int:
     return int(np.random.SeedSequence([spec.seed, round_index, client_id]).generate_state(1)[0])
 
 
-def sample_clients(spec: Spec, round_index: int) -> list[int]:
-    """The clients of round ``round_index`` (seeded per round, so a resumed run agrees)."""
-    rng = np.random.default_rng([spec.seed, round_index])
+def sample_clients(spec: Spec, round_index: int, attempt: int = 0) -> list[int]:
+    """The clients of round ``round_index`` (seeded per round and attempt, so a resumed run agrees)."""
+    rng = np.random.default_rng([spec.seed, round_index, attempt])
     return sorted(int(c) for c in rng.choice(spec.num_clients, size=spec.sampled_clients, replace=False))

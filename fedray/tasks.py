@@ -9,15 +9,17 @@ reused too), so the base is rebuilt once per worker, never once per client-round
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
 from fedray import job
 from fedray.client import ClientResult, Workbench
-from fedray.config import Spec
+from fedray.config import FaultSpec, Spec
 from fedray.methods import ClientInit
 
 #: Workbenches of this process, by run key (a process serves one run at a time).
@@ -48,7 +50,35 @@ def worker_info(run_key: str) -> dict[str, Any]:
     return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "builds": _BUILDS[run_key]}
 
 
-@ray.remote(max_calls=0)
+class InjectedFault(RuntimeError):
+    """A client failure injected on purpose (spec ``faults``)."""
+
+
+def inject_fault(faults: FaultSpec, seed: int) -> bool:
+    """Maybe fail the way ``faults`` asks, decided by ``seed`` (a client's round and try).
+
+    Returns whether the client should corrupt its update; the other faults act here.
+    """
+    draw = float(np.random.default_rng(seed).random())
+    if draw < faults.raise_prob:
+        raise InjectedFault(f"injected client failure (draw {draw:.3f} < raise_prob {faults.raise_prob})")
+    draw -= faults.raise_prob
+    if draw < faults.kill_prob:
+        os._exit(1)  # the worker process dies, as on a lost node or an OOM kill
+    draw -= faults.kill_prob
+    if draw < faults.delay_prob:
+        time.sleep(faults.delay_s)
+        return False
+    draw -= faults.delay_prob
+    return draw < faults.corrupt_prob
+
+
+def fault_seed(client_seed: int, attempt: int) -> int:
+    """The seed of a client task's fault draw (its round's client seed and its try)."""
+    return int(np.random.SeedSequence([client_seed, attempt]).generate_state(1)[0])
+
+
+@ray.remote(max_calls=0, num_returns=2, max_retries=0)
 def train_task(
     run_key: str,
     shared_box: list,
@@ -57,14 +87,24 @@ def train_task(
     spec: Spec,
     head: Mapping[str, torch.Tensor] | None,
     seed: int,
-) -> ClientResult:
-    """One client's round in a Ray worker (``shared_box`` holds the base's ObjectRef)."""
+    attempt: int = 0,
+) -> tuple[dict[str, Any], ClientResult]:
+    """One client's round in a Ray worker (``shared_box`` holds the base's ObjectRef).
+
+    Returns a small status the driver reads and the result it hands on unread. Retries are
+    the driver's (``max_retries=0``), so injected faults and timeouts count the same way.
+    """
+    corrupt = inject_fault(spec.faults, fault_seed(seed, attempt))
     _set_threads(spec)
     bench = workbench(run_key, shared_box)
     shard = job.dataset_split(spec).train.subset(indices)
     result = bench.train(init, shard, spec, head=head, seed=seed)
-    result.metrics["worker"] = worker_info(run_key)
-    return result
+    if corrupt:
+        for factor in result.update.B.values():
+            factor.fill_(float("nan"))
+    worker = worker_info(run_key)
+    result.metrics["worker"] = worker
+    return {"client_id": init.client_id, "seconds": result.metrics["seconds"], **worker}, result
 
 
 @ray.remote(max_calls=0)

@@ -37,3 +37,17 @@ def ray_session():
 def tracking_uri(tmp_path_factory):
     """One sqlite MLflow store per session (creating one costs seconds of migrations)."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A fresh model cache: the session converts SmolLM2's GGUF once, into it."""
+    return tmp_path_factory.mktemp("fedray-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_cache):
+    """SmolLM2-135M for causal-LM tests, converted once per session."""
+    from fedray.models import ModelSpec, load_base
+
+    return load_base(ModelSpec(name="smollm2-135m", task="generation"), cache_dir=smollm2_cache)

@@ -119,7 +119,7 @@ def test_empty_shard_is_refused(bench, split):
         train_client(bench, method.client_init(0, 2), split.train.subset([]), _spec(local_steps=1))
 
 
-def test_smollm2_trains_and_scores_titles(tmp_path_factory):
+def test_smollm2_trains_and_scores_titles(smollm2):
     spec = load_spec(
         None,
         [
@@ -133,8 +133,7 @@ def test_smollm2_trains_and_scores_titles(tmp_path_factory):
         ],
     )
     split = load_dataset("bbc_titles", split_seed=0)
-    base = load_base(ModelSpec("smollm2-135m", "generation"))
-    bench = Workbench(export_base(base))
+    bench = Workbench(export_base(smollm2))
     assert len(bench.layers) == 60  # q_proj and v_proj of 30 layers
     method = create_method("hlora", bench.layers, 4, scale=SCALE)
     result = train_client(bench, method.client_init(0, 2), split.train.subset(np.arange(4)), spec)

@@ -56,16 +56,6 @@ def minilm() -> models.Base:
     return load_base(minilm_spec())
 
 
-@pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("fedray-cache")
-
-
-@pytest.fixture(scope="session")
-def smollm2(smollm2_cache: Path) -> models.Base:
-    return load_base(ModelSpec(name="smollm2-135m", task="generation"), cache_dir=smollm2_cache)
-
-
 def read_only_export(base: models.Base) -> SharedBase:
     """Export ``base`` with read-only arrays, as Ray's object store hands them to a task."""
     shared = export_base(base)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from peft import PeftModel
-from safetensors.torch import load_file
 
+from fedray.checkpoint import read_checkpoint
 from fedray.client import Workbench
 from fedray.config import load_spec
 from fedray.data import make_batches
-from fedray.methods import METHODS, load_state
+from fedray.methods import METHODS, method_from_state
 from fedray.models import ModelSpec, SharedBase, export_base, load_base
 from fedray.server import run
 
@@ -115,8 +115,9 @@ def test_a_run_of_each_method(method, ray_session, tracking_uri, tmp_path, monke
     assert _digest(ray.get(puts[0]).arrays) == _digest(fresh.arrays)
 
     # The exported PEFT adapter computes fedray's global model (its best rank-R form).
-    method_state = load_state(run_dir / "checkpoint" / "method.safetensors")
-    head = load_file(str(run_dir / "checkpoint" / "head.safetensors"))
+    info, state, head = read_checkpoint(run_dir)
+    assert info["round"] == 1 and info["run_id"] == summary.run_id
+    method_state = method_from_state(state)
     truncated = {}
     for layer, delta in method_state.global_delta().items():
         U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)

@@ -36,6 +36,7 @@ __all__ = [
     "RoundStats",
     "create_method",
     "load_state",
+    "method_from_state",
     "method_options",
     "save_state",
 ]
@@ -78,11 +79,17 @@ def load_state(path: str | Path) -> Method:
 
     with safe_open(str(path), framework="pt") as handle:
         meta = json.loads(handle.metadata()["fedray"])
+    return method_from_state({"tensors": load_file(str(path)), "meta": meta})
+
+
+def method_from_state(state: Mapping[str, Any]) -> Method:
+    """Rebuild a method from a ``state_dict()`` (its meta says which method and settings)."""
+    meta = state["meta"]
     shapes = {layer: tuple(shape) for layer, shape in meta["shapes"].items()}
     method = create_method(
         meta["method"], shapes, meta["max_rank"], scale=meta["scale"], seed=meta["seed"], **meta["options"]
     )
-    method.load_state_dict({"tensors": load_file(str(path)), "meta": meta})
+    method.load_state_dict(state)
     return method
 
 

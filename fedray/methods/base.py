@@ -245,6 +245,10 @@ class Method(ABC):
         self.last_round = stats
         return stats
 
+    def abandon_round(self) -> None:
+        """Forget this round's client starts without aggregating (the round is re-run)."""
+        self._handouts.clear()
+
     def global_delta(self) -> dict[str, Tensor]:
         """What the global model adds to each frozen weight (dense, d x k)."""
         return {layer: as_dense(self._layer_global(layer)).to(FACTOR_DTYPE) for layer in self.shapes}
@@ -338,9 +342,13 @@ class Method(ABC):
 
     def _global_norm(self) -> float:
         if self._global_norm_cache is None:
-            squares = (fro_norm(self._layer_global(layer)) ** 2 for layer in self.shapes)
+            squares = (self._layer_global_norm(layer) ** 2 for layer in self.shapes)
             self._global_norm_cache = math.sqrt(sum(squares))
         return self._global_norm_cache
+
+    def _layer_global_norm(self, layer: str) -> float:
+        """||global delta of ``layer``||_F; methods with a cheaper exact form override it."""
+        return fro_norm(self._layer_global(layer))
 
     def _kaiming(self, rows: int, cols: int) -> Tensor:
         return kaiming_uniform(rows, cols, self._generator)

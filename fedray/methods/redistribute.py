@@ -43,6 +43,10 @@ class SVDRedistribution(Method):
         triplets = self._svd[layer]
         return LowRank(self.scale * triplets.U * triplets.S, triplets.Vh)
 
+    def _layer_global_norm(self, layer: str) -> float:
+        # U and V are orthonormal: the norm is that of the singular values.
+        return self.scale * float(self._svd[layer].S.double().norm())
+
     def _make_init(self, client_id: ClientId, rank: Rank, ranks: dict[str, int]):
         B, A = {}, {}
         noise_sq = 0.0

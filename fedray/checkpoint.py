@@ -1,0 +1,71 @@
+"""Atomic per-round checkpoints of a run, for exact resume.
+
+A round's files are written under new names first; ``latest.json``, which names them,
+is replaced last with an atomic rename, so a run killed at any instant leaves the
+previous complete checkpoint intact. Tensors go to safetensors, the rest to JSON; no
+pickle. Sampling, rank assignment and client seeds derive from the spec's seed and the
+round index, so the method's state (its generator included) and the head are all the
+randomness a resume needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from fedray.methods import save_state
+
+CHECKPOINT_DIR = "checkpoint"
+LATEST = "latest.json"
+#: Rounds whose files stay on disk (the newest, plus one in case the newest is mid-write).
+KEEP_ROUNDS = 2
+
+
+def write_checkpoint(
+    run_dir: Path,
+    round_index: int,
+    method_state: Mapping[str, Any],
+    head: Mapping[str, torch.Tensor] | None,
+    info: Mapping[str, Any],
+) -> None:
+    """Persist the state after ``round_index``; ``info`` is JSON (run id, spec digest, metrics)."""
+    folder = run_dir / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"round-{round_index:06d}"
+    method_file, head_file = f"{stem}.method.safetensors", f"{stem}.head.safetensors"
+    _atomic(folder / method_file, lambda path: save_state(method_state, path))
+    if head is not None:
+        tensors = {name: value.contiguous() for name, value in head.items()}
+        _atomic(folder / head_file, lambda path: save_file(tensors, str(path)))
+    record = {"round": round_index, "method": method_file, "head": head_file if head is not None else None, **info}
+    _atomic(folder / LATEST, lambda path: path.write_text(json.dumps(record, indent=1)))
+    for old in sorted(folder.glob("round-*.safetensors")):
+        if int(old.name.split(".")[0].removeprefix("round-")) <= round_index - KEEP_ROUNDS:
+            old.unlink()
+
+
+def read_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor] | None]:
+    """(info, method state dict, head) of the last complete round of ``run_dir``."""
+    folder = run_dir / CHECKPOINT_DIR
+    if not (folder / LATEST).is_file():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint (no complete round); start it again without --resume")
+    info = json.loads((folder / LATEST).read_text())
+    method_path = folder / info["method"]
+    with safe_open(str(method_path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["fedray"])
+    method_state = {"tensors": load_file(str(method_path)), "meta": meta}
+    head = load_file(str(folder / info["head"])) if info["head"] else None
+    return info, method_state, head
+
+
+def _atomic(path: Path, write) -> None:
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    os.replace(partial, path)

@@ -1,0 +1,61 @@
+"""A real two-node Ray cluster on this machine: client tasks spread over both nodes.
+
+Each node offers one CPU and each client task asks for one, so a round of two clients
+must use both nodes; the aggregation actor needs no CPU. The nodes come from
+tests/local_cluster.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from local_cluster import REPO, local_cluster
+
+#: Seconds the two-round run may take once the nodes are up.
+RUN_TIMEOUT_S = 240
+#: A two-round run small enough for CPUs: two clients a round, one CPU each.
+TINY_RUN = [
+    "rounds=2", "num_clients=2", "clients_per_round=2", "partition=iid", "partition_options={}",
+    "dataset_options.max_examples=200", "train.local_steps=1", "train.batch_size=4", "train.max_seq_len=16",
+    "eval.every=2", "eval.max_examples=8", "resources.num_cpus=1",
+]  # fmt: skip
+
+#: Runs fedray.server.run on the cluster; prints the summary's worker_builds and the live nodes.
+RUN_SCRIPT = """
+import json, sys
+import ray
+from fedray.config import load_spec
+from fedray.server import run
+
+address, run_dir, tracking_uri, *overrides = sys.argv[1:]
+summary = run(load_spec("jobs/quickstart.yaml", overrides), run_dir=run_dir, tracking_uri=tracking_uri,
+              address=address, progress=False)
+nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+print("RESULT " + json.dumps({"worker_builds": summary.worker_builds, "nodes": nodes}))
+"""
+
+
+def test_client_tasks_run_on_both_nodes_and_each_worker_builds_the_base_once(tmp_path, tracking_uri):
+    with local_cluster([1, 1]) as cluster:
+        run_dir = tmp_path / "run"
+        started = time.monotonic()
+        command = [sys.executable, "-c", RUN_SCRIPT, cluster.address, str(run_dir), tracking_uri, "name=multinode"]
+        done = subprocess.run(
+            [*command, *TINY_RUN], env=cluster.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=REPO
+        )
+        elapsed_s = time.monotonic() - started
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(line.removeprefix("RESULT "))
+
+    workers = result["worker_builds"].values()
+    assert len(result["nodes"]) == 2
+    assert {worker["node_id"] for worker in workers} == set(result["nodes"]), "client tasks did not use both nodes"
+    assert [worker["builds"] for worker in workers] == [1] * len(workers), result["worker_builds"]
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["clients_ok"], r["clients_failed"]) for r in rounds] == [(2, 0), (2, 0)]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert elapsed_s < RUN_TIMEOUT_S

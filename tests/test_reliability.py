@@ -1,0 +1,214 @@
+"""Reliability: exact resume after SIGKILL, client faults, bad updates, Ctrl-C, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from fedray import job
+from fedray.checkpoint import read_checkpoint
+from fedray.config import SpecError, load_spec
+from fedray.methods import method_from_state
+from fedray.server import RunFailed, resume, run
+from fedray.tasks import fault_seed
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [
+    "num_clients=4",
+    "clients_per_round=2",
+    "max_rank=4",
+    "ranks=[1,2,4]",
+    "partition=iid",
+    "partition_options={}",
+    "dataset_options.max_examples=300",
+    "train.local_steps=2",
+    "train.batch_size=8",
+    "train.max_seq_len=24",
+    "eval.every=1",
+    "eval.max_examples=24",
+    "resources.num_cpus=0.5",
+]
+#: Seconds a tiny CLI run may take before the test gives up on it.
+RUN_TIMEOUT_S = 240
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedray.cli", "run", *args, "--quiet"]
+
+
+def _global_delta(run_dir: Path, method: str) -> dict[str, torch.Tensor]:
+    _, state, _ = read_checkpoint(run_dir)
+    assert state["meta"]["method"] == method
+    return method_from_state(state).global_delta()
+
+
+def _history(tracking_uri: str, run_id: str, name: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient(tracking_uri).get_metric_history(run_id, name))
+
+
+def _wait_for_round(run_dir: Path, round_index: int, process: subprocess.Popen) -> None:
+    latest = run_dir / "checkpoint" / "latest.json"
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if latest.exists() and json.loads(latest.read_text())["round"] >= round_index:
+            return
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.2)
+    raise AssertionError(f"round {round_index} never checkpointed")
+
+
+@pytest.mark.parametrize("method", ["fedplora", "hlora"])
+def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(method, tmp_path, tracking_uri):
+    overrides = [*TINY, "rounds=2", f"method={method}", f"name=resume-{method}"]
+    whole = tmp_path / "whole"
+    subprocess.run(_cli("jobs/quickstart.yaml", *overrides, "--run-dir", str(whole), "--tracking-uri", tracking_uri),
+                   cwd=REPO, check=True, timeout=RUN_TIMEOUT_S, capture_output=True)  # fmt: skip
+
+    broken = tmp_path / "broken"
+    command = _cli("jobs/quickstart.yaml", *overrides, "--run-dir", str(broken), "--tracking-uri", tracking_uri)
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_round(broken, 0, process)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
+    process.wait(timeout=30)
+    assert json.loads((broken / "checkpoint" / "latest.json").read_text())["round"] == 0
+
+    done = subprocess.run(
+        _cli("--resume", str(broken)), cwd=REPO, timeout=RUN_TIMEOUT_S, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    expected, resumed = _global_delta(whole, method), _global_delta(broken, method)
+    for layer, delta in expected.items():
+        assert float((delta - resumed[layer]).abs().max()) <= 1e-6
+    run_ids = [read_checkpoint(path)[0]["run_id"] for path in (whole, broken)]
+    for name in ("eval_accuracy", "eval_loss", "clients_ok", "init_noise"):
+        first, second = (_history(tracking_uri, run_id, name) for run_id in run_ids)
+        assert [step for step, _ in second] == [0, 1], name  # no round missing, none twice
+        assert np.allclose([v for _, v in first], [v for _, v in second], atol=1e-6), name
+    assert MlflowClient(tracking_uri).get_run(run_ids[1]).info.status == "FINISHED"
+    lines = [json.loads(line)["round"] for line in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [0, 1]
+
+
+def test_resume_refuses_a_changed_spec_and_extends_rounds_when_allowed(ray_session, tmp_path, tracking_uri):
+    spec = load_spec("jobs/quickstart.yaml", [*TINY, "rounds=1", "name=extend"])
+    summary = run(spec, run_dir=tmp_path / "run", tracking_uri=tracking_uri, progress=False)
+    with pytest.raises(SpecError, match=r"changed spec \(train.lr\).*cannot change"):
+        resume(summary.run_dir, ["train.lr=0.1"], allow_spec_change=True, progress=False)
+    with pytest.raises(SpecError, match=r"changed spec \(rounds\): pass --allow-spec-change"):
+        resume(summary.run_dir, ["rounds=2"], progress=False)
+    longer = resume(summary.run_dir, ["rounds=2"], allow_spec_change=True, progress=False)
+    assert longer.run_id == summary.run_id
+    assert [step for step, _ in _history(tracking_uri, summary.run_id, "clients_ok")] == [0, 1]
+
+
+def _expected_faults(spec, rounds: int) -> list[dict[str, int]]:
+    """Per round, how many of the sampled clients the seeded fault draws hit, by kind."""
+    faults = spec.faults
+    edges = np.cumsum([faults.raise_prob, faults.kill_prob, faults.delay_prob, faults.corrupt_prob])
+    kinds = ["raise", "kill", "delay", "corrupt"]
+    expected = []
+    for round_index in range(rounds):
+        counts = dict.fromkeys(kinds, 0)
+        for client in job.sample_clients(spec, round_index, 0):
+            draw = float(np.random.default_rng(fault_seed(job.client_seed(spec, round_index, client), 0)).random())
+            hit = int(np.searchsorted(edges, draw, side="right"))
+            if hit < len(kinds):
+                counts[kinds[hit]] += 1
+        expected.append(counts)
+    return expected
+
+
+def test_injected_faults_are_survived_and_counted(ray_session, tmp_path, tracking_uri):
+    spec = load_spec(
+        "jobs/quickstart.yaml",
+        [
+            *TINY,
+            "name=faults",
+            "rounds=3",
+            "num_clients=8",
+            "clients_per_round=6",
+            "seed=3",
+            "faults.raise_prob=0.1",
+            "faults.kill_prob=0.1",
+            "faults.delay_prob=0.05",
+            "faults.delay_s=90",
+            "faults.corrupt_prob=0.05",
+            "reliability.client_retries=0",
+            "reliability.client_timeout_s=30",
+        ],
+    )
+    expected = _expected_faults(spec, 3)
+    injected = sum(sum(counts.values()) for counts in expected)
+    assert injected >= 3 and all(sum(c.values()) < 6 for c in expected), expected  # the seed exercises faults
+    summary = run(spec, run_dir=tmp_path / "run", tracking_uri=tracking_uri, progress=False)
+
+    failed = [value for _, value in _history(tracking_uri, summary.run_id, "clients_failed")]
+    ok = [value for _, value in _history(tracking_uri, summary.run_id, "clients_ok")]
+    assert failed == [float(sum(counts.values())) for counts in expected]
+    assert ok == [6.0 - f for f in failed]
+    for record, counts in zip(summary.rounds, expected, strict=True):
+        reasons = list(record["failures"].values())
+        assert sum("rejected" in r and "NaN" in r for r in reasons) == counts["corrupt"]
+        assert sum("timed out" in r for r in reasons) == counts["delay"]
+    for delta in _global_delta(summary.run_dir, "fedplora").values():
+        assert bool(torch.isfinite(delta).all())
+
+
+def test_too_few_survivors_stop_with_a_valid_checkpoint(ray_session, tmp_path, tracking_uri):
+    spec = load_spec(
+        "jobs/quickstart.yaml",
+        [*TINY, "name=hopeless", "rounds=2", "reliability.max_update_norm=1e-9", "reliability.round_attempts=2"],
+    )
+    with pytest.raises(RunFailed, match=r"round 1 failed 2 times .*max_update_norm.*fedray run --resume"):
+        run(spec, run_dir=tmp_path / "run", tracking_uri=tracking_uri, progress=False)
+    assert not (tmp_path / "run" / "checkpoint" / "latest.json").exists()
+    clipped = load_spec(
+        "jobs/quickstart.yaml",
+        [*TINY, "name=clipped", "rounds=1", "reliability.max_update_norm=1e-3", "reliability.on_large_update=clip"],
+    )
+    summary = run(clipped, run_dir=tmp_path / "clipped", tracking_uri=tracking_uri, progress=False)
+    assert summary.rounds[0]["updates_clipped"] == 2.0
+    norm = sum(float(d.square().sum()) for d in _global_delta(summary.run_dir, "fedplora").values()) ** 0.5
+    assert norm <= 1e-3 * (1 + 1e-4)
+
+
+def test_ctrl_c_marks_the_run_killed_and_resume_finishes_it(tmp_path, tracking_uri):
+    run_dir = tmp_path / "run"
+    command = _cli("jobs/quickstart.yaml", *TINY, "rounds=3", "name=interrupted", "--run-dir", str(run_dir),
+                   "--tracking-uri", tracking_uri)  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    _wait_for_round(run_dir, 0, process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    assert "--resume" in process.stderr.read()
+    info = json.loads((run_dir / "checkpoint" / "latest.json").read_text())
+    assert MlflowClient(tracking_uri).get_run(info["run_id"]).info.status == "KILLED"
+    done = subprocess.run(
+        _cli("--resume", str(run_dir)), cwd=REPO, timeout=RUN_TIMEOUT_S, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert MlflowClient(tracking_uri).get_run(info["run_id"]).info.status == "FINISHED"
+    assert [step for step, _ in _history(tracking_uri, info["run_id"], "clients_ok")] == [0, 1, 2]
+
+
+def test_unreachable_ray_address_fails_fast(tmp_path):
+    started = time.monotonic()
+    done = subprocess.run(
+        _cli("jobs/quickstart.yaml", *TINY, "--address", "127.0.0.1:9", "--run-dir", str(tmp_path / "run"),
+             "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"),
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "cannot join the Ray cluster at '127.0.0.1:9'" in done.stderr
+    assert time.monotonic() - started < 60
