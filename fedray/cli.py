@@ -69,13 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedray: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        where = f" {args.resume}" if args.resume else ""
-        print(
-            f"fedray: interrupted; the MLflow run is marked KILLED. Continue with `fedray run --resume{where} RUN_DIR`"
-            if not where
-            else f"fedray: interrupted; continue with `fedray run --resume{where}`",
-            file=sys.stderr,
-        )
+        run_dir = args.resume or args.run_dir or "RUN_DIR"
+        print(f"fedray: interrupted; the MLflow run is marked KILLED; continue with `fedray run --resume {run_dir}`",
+              file=sys.stderr)  # fmt: skip
         return 130
     return 0
 
