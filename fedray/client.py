@@ -50,6 +50,15 @@ class ClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def head_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of ``model``'s task head parameters (empty for a model without one)."""
+    return {
+        name: param.detach().cpu().clone()
+        for name, param in model.named_parameters()
+        if name.split(".")[0] in HEAD_MODULES
+    }
+
+
 class Workbench:
     """The frozen base model of one process, reused by every task the process runs."""
 
@@ -66,12 +75,11 @@ class Workbench:
             self.tokenizer.truncation_side = "left"
         self.layers = target_layers(self.model, shared.target_modules)
         self._linears = {name: self.model.get_submodule(name) for name in self.layers}
-        self.head_names = [name for name, _ in self.model.named_parameters() if name.split(".")[0] in HEAD_MODULES]
+        self.head_names = list(head_state(self.model))
 
     def head_state(self) -> dict[str, torch.Tensor]:
         """A copy of the base model's task head (the start of the global head)."""
-        params = dict(self.model.named_parameters())
-        return {name: params[name].detach().cpu().clone() for name in self.head_names}
+        return head_state(self.model)
 
     @contextmanager
     def patched(self, deltas: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor] | None):

@@ -33,7 +33,7 @@ import fedray
 from fedray import job
 from fedray.aggregator import Aggregator, TooFewClients
 from fedray.checkpoint import read_checkpoint, write_checkpoint
-from fedray.client import HEAD_MODULES
+from fedray.client import head_state
 from fedray.config import Spec, SpecError, load_spec
 from fedray.data import create_partitioner
 from fedray.models import export_base, load_base, target_layers
@@ -216,7 +216,7 @@ def _execute(
         # the actor never keeps an autoscaled GPU worker alive (or dies with a spot one).
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         aggregator = Aggregator.options(scheduling_strategy=here).remote(
-            spec, shapes, _initial_head(base.model), tracker.uri, tracker.run_id
+            spec, shapes, head_state(base.model) or None, tracker.uri, tracker.run_id
         )
         if state is not None:
             ray.get(aggregator.load_state.remote(*state))
@@ -427,12 +427,6 @@ def _connect_ray(address: str | None, spec: Spec) -> None:
                 f"resources.num_{resource.lower()}s={wanted} but this machine offers {available.get(resource, 0)} "
                 f"{resource}; lower it or join a larger cluster with --address"
             )
-
-
-def _initial_head(model) -> dict | None:
-    """The base model's task head, the start of the global head (None without one)."""
-    head = {name: p.detach().clone() for name, p in model.named_parameters() if name.split(".")[0] in HEAD_MODULES}
-    return head or None
 
 
 def _tags(spec: Spec) -> dict[str, str]:
