@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedray.data import create_partitioner
 from fedray.methods import METHODS, create_method, method_options
+from fedray.models import Pooling
 
 #: How many ``extends`` links a spec may chain.
 MAX_EXTENDS_DEPTH = 8
@@ -116,6 +117,7 @@ class Spec(_Strict):
 
     model: str = Field("minilm", description="model registry name, local folder or hub id")
     target_modules: list[str] | None = Field(None, description="LoRA targets; default per architecture")
+    pooling: Pooling = Field("auto", description="classification head input: cls, mean, or auto (the model's own)")
 
     dataset: str = Field("rotten_tomatoes", description="dataset registry name, local file or hub name")
     dataset_options: dict[str, Any] = Field(default_factory=dict, description="columns, config, max_examples")

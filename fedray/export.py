@@ -6,6 +6,10 @@ a folder that ``PeftModel.from_pretrained(base_model, folder)`` loads with no fe
 The run's single scale ``s`` becomes ``lora_alpha = s * R`` so that peft's
 ``lora_alpha / r`` equals ``s`` (shared/METHODS.md).
 
+The folder also holds ``fedray_base.json``, the ``ModelSpec`` of the base it was trained
+on (a mean-pooled head is not what ``AutoModelForSequenceClassification`` builds);
+``load_adapter(folder)`` rebuilds that base and loads the adapter onto it.
+
 ``plot_module_similarity`` draws Fed-PLoRA's module-alignment heatmap: how similar module
 j of one client is to module j' of another after the last round.
 """
@@ -13,6 +17,8 @@ j of one client is to module j' of another after the last round.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +34,12 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from fedray.methods.lowrank import Fold, LowRank, svd
-from fedray.models import target_layers
+from fedray.models import ModelSpec, load_base, target_layers
 
 #: Prefix of the modules peft puts around the model.
 PEFT_PREFIX = "base_model.model."
+#: File in the adapter folder that names the base model (a ``ModelSpec`` as JSON).
+BASE_SPEC_FILE = "fedray_base.json"
 #: Name of the one adapter an export holds (peft's default, dropped from the saved keys).
 ADAPTER_NAME = "default"
 #: Model-class name endings -> the peft task type that restores that model class's head.
@@ -69,6 +77,7 @@ def export_adapter(
     scale: float,
     max_rank: int,
     source: str,
+    model_spec: ModelSpec | None = None,
 ) -> ExportInfo:
     """Write the global model (W0 + ``global_delta``, task head ``head``) as a PEFT LoRA folder.
 
@@ -77,8 +86,9 @@ def export_adapter(
     approximation (exact when the delta's rank is at most R). A delta given as ``LowRank``
     factors is decomposed from them, without a dense d x k SVD. ``head`` ({parameter name:
     value}, None keeps the base's head) goes into ``modules_to_save``. ``source`` is recorded
-    as the adapter's ``base_model_name_or_path``. ``base_model`` is not modified: peft wraps a
-    copy of its module tree that shares the (untouched) weights.
+    as the adapter's ``base_model_name_or_path``; ``model_spec``, the spec ``base_model`` was
+    loaded from, goes into ``fedray_base.json`` for ``load_adapter``. ``base_model`` is not
+    modified: peft wraps a copy of its module tree that shares the (untouched) weights.
     """
     if not scale > 0:
         raise ValueError(f"scale={scale} is invalid; pass the run's LoRA scale, a positive number.")
@@ -117,9 +127,24 @@ def export_adapter(
         saved_config.modules_to_save = list(dict.fromkeys(saved_config.modules_to_save))
     # No embedding layer is a target, so peft need not look the source up to decide whether to save one.
     peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
+    if model_spec is not None:
+        (Path(out_dir) / BASE_SPEC_FILE).write_text(json.dumps(dataclasses.asdict(model_spec), indent=1))
     return ExportInfo(
         dropped_fraction=_fraction(dropped_sq, total_sq), per_layer_dropped=per_layer_dropped, rank=max_rank
     )
+
+
+def load_adapter(folder: str | Path) -> PeftModel:
+    """The model an export holds: its base rebuilt from ``fedray_base.json``, the adapter on top, in eval mode."""
+    folder = Path(folder)
+    spec_file = folder / BASE_SPEC_FILE
+    if not spec_file.is_file():
+        raise ValueError(
+            f"{folder} has no {BASE_SPEC_FILE}; load the base model yourself and call "
+            "PeftModel.from_pretrained(base, folder)."
+        )
+    base = load_base(ModelSpec(**json.loads(spec_file.read_text())))
+    return PeftModel.from_pretrained(base.model, str(folder)).eval()
 
 
 def plot_module_similarity(

@@ -35,6 +35,7 @@ def model_spec(spec: Spec, split: DatasetSplit) -> ModelSpec:
         num_labels=train.num_labels if train.task == "classification" else None,
         target_modules=tuple(spec.target_modules) if spec.target_modules else None,
         seed=spec.seed,
+        pooling=spec.pooling,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 import uuid
@@ -33,10 +34,20 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.bert import BertConfig, BertModel, BertPreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 Task = Literal["classification", "generation"]
 TASKS: tuple[Task, ...] = get_args(Task)
+#: How a classification head reads the encoder: ``cls`` is the architecture's own head
+#: (BERT: the pooler on the first token), ``mean`` the attention-masked mean of the last
+#: hidden states, ``auto`` what the model was trained with (its sentence-transformers
+#: pooling config when it ships one, else ``cls``).
+Pooling = Literal["auto", "cls", "mean"]
+POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
+#: The sentence-transformers file that says how a sentence encoder pools its tokens.
+SENTENCE_POOLING_CONFIG = "1_Pooling/config.json"
 
 #: Environment variable that moves the cache of converted models.
 CACHE_ENV_VAR = "FEDRAY_CACHE"
@@ -95,6 +106,8 @@ class ModelSpec:
     target_modules: tuple[str, ...] | None = None
     #: Seed of the new classification head, so every process builds the same head.
     seed: int = 0
+    #: How the classification head reads the encoder (``POOLINGS``); unused for generation.
+    pooling: Pooling = "auto"
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -105,6 +118,8 @@ class ModelSpec:
             raise ValueError(f"num_labels={self.num_labels} is invalid for classification; set it to 2 or more.")
         if self.task == "generation" and self.num_labels is not None:
             raise ValueError(f"num_labels={self.num_labels} applies only to classification; leave it unset.")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r} is unknown; set it to one of {', '.join(POOLINGS)}.")
         if self.target_modules is not None:
             if isinstance(self.target_modules, str) or not self.target_modules:
                 raise ValueError(
@@ -178,9 +193,18 @@ def load_base(spec: ModelSpec, cache_dir: str | Path | None = None) -> Base:
     source = _resolve_source(spec, Path(cache_dir) if cache_dir is not None else default_cache_dir())
     _check_loadable(spec.name, source)
     head_kwargs = {"num_labels": spec.num_labels} if spec.task == "classification" else {}
+    model_class = _AUTO_MODEL_CLASSES[spec.task]
+    if spec.task == "classification" and resolve_pooling(spec.pooling, source) == "mean":
+        model_type = AutoConfig.from_pretrained(source).model_type
+        if model_type not in MeanPoolingBertForSequenceClassification.model_types:
+            raise ValueError(
+                f"pooling=mean is available for BERT encoders, and model {spec.name!r} is a {model_type}; "
+                "set pooling to cls."
+            )
+        model_class = MeanPoolingBertForSequenceClassification
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = _AUTO_MODEL_CLASSES[spec.task].from_pretrained(source, **head_kwargs)
+        model = model_class.from_pretrained(source, **head_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         # Batches are padded; decoder-only tokenizers often ship without a pad token.
@@ -191,6 +215,63 @@ def load_base(spec: ModelSpec, cache_dir: str | Path | None = None) -> Base:
     target_modules = spec.target_modules or default_target_modules(model.config.model_type)
     target_layers(model, target_modules)
     return Base(spec=spec, model=model, tokenizer=tokenizer, target_modules=target_modules, source=source)
+
+
+def resolve_pooling(pooling: Pooling, source: str) -> Literal["cls", "mean"]:
+    """``pooling`` with ``auto`` replaced by the model's own: mean when the model folder's
+    sentence-transformers pooling config says so (``all-MiniLM-L6-v2`` was trained that way), else cls."""
+    if pooling != "auto":
+        return pooling
+    config_file = Path(source) / SENTENCE_POOLING_CONFIG
+    if config_file.is_file() and json.loads(config_file.read_text()).get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls"
+
+
+class MeanPoolingBertForSequenceClassification(BertPreTrainedModel):
+    """BERT with its classifier on the attention-masked mean of the last hidden states.
+
+    Sentence encoders such as all-MiniLM-L6-v2 are trained to be read this way; their
+    first-token pooler output is mostly one direction common to every sentence, which a
+    head trained for a few federated steps cannot separate. The weight names are BERT's
+    (``bert.*``, ``classifier.*``; there is no pooler), so LoRA targets and PEFT adapters
+    are the same as for ``BertForSequenceClassification``. Single-label classification only.
+    """
+
+    #: ``config.model_type`` values this head works with.
+    model_types = ("bert",)
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = torch.nn.Dropout(dropout)
+        self.classifier = torch.nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **_: Any,
+    ) -> SequenceClassifierOutput:
+        hidden = self.bert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            inputs_embeds=inputs_embeds,
+        ).last_hidden_state
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        logits = self.classifier(self.dropout(pooled))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels.view(-1))
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 def default_target_modules(model_type: str) -> tuple[str, ...]:

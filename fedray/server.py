@@ -484,6 +484,7 @@ def _export(summary: RunSummary, aggregator, base, spec: Spec, tracker: Tracker)
         scale=spec.scale,
         max_rank=spec.max_rank,
         source=spec.model,
+        model_spec=base.spec,
     )
     tracker.log_metrics(spec.rounds - 1, {"adapter_dropped_fraction": info.dropped_fraction})
     if spec.method == "fedplora":

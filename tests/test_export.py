@@ -14,7 +14,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from fedray.client import Workbench
-from fedray.export import ExportInfo, export_adapter, plot_module_similarity
+from fedray.export import BASE_SPEC_FILE, ExportInfo, export_adapter, load_adapter, plot_module_similarity
 from fedray.methods.lowrank import LowRank
 from fedray.models import Base, ModelSpec, export_base, load_base
 
@@ -100,7 +100,11 @@ def exported_logits(folder: Path, base: Base) -> torch.Tensor:
     # A fresh base: the export must carry everything, the head included.
     peft_model = PeftModel.from_pretrained(load_base(spec()).model, str(folder))
     peft_model.eval()
-    return peft_model(**encoded(base)).logits
+    logits = peft_model(**encoded(base)).logits
+    if (folder / BASE_SPEC_FILE).exists():
+        # load_adapter rebuilds the same base from the folder alone.
+        torch.testing.assert_close(load_adapter(folder)(**encoded(base)).logits, logits)
+    return logits
 
 
 def truncated(delta: torch.Tensor, rank: int) -> torch.Tensor:
@@ -123,7 +127,9 @@ def test_export_round_trip_loads_the_global_model(minilm: Base, bench: Workbench
         scale=SCALE,
         max_rank=MAX_RANK,
         source="minilm",
+        model_spec=minilm.spec,
     )
+    assert (tmp_path / BASE_SPEC_FILE).is_file()
 
     assert info.rank == MAX_RANK
     assert info.dropped_fraction == pytest.approx(0.0, abs=1e-6)
@@ -158,6 +164,8 @@ def test_export_of_a_high_rank_delta_is_its_rank_r_truncation(minilm: Base, benc
     info = export_adapter(
         tmp_path, base_model=minilm.model, global_delta=delta, head=head, scale=SCALE, max_rank=MAX_RANK, source="m"
     )
+    with pytest.raises(ValueError, match=f"no {BASE_SPEC_FILE}; load the base model yourself"):
+        load_adapter(tmp_path)
 
     tail_sq, total_sq = 0.0, 0.0
     for layer, matrix in delta.items():

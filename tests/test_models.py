@@ -90,6 +90,43 @@ def test_minilm_loads_offline_frozen_with_seeded_head(minilm: models.Base) -> No
     assert not any(p.requires_grad for p in minilm.model.parameters())
 
 
+def test_minilm_head_reads_the_masked_mean_of_its_tokens(minilm: models.Base) -> None:
+    # all-MiniLM-L6-v2 ships a sentence-transformers config that says it pools by mean.
+    assert isinstance(minilm.model, models.MeanPoolingBertForSequenceClassification)
+    batch = minilm.tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = minilm.model(**batch).logits
+        hidden = minilm.model.bert(**batch).last_hidden_state
+        for i, sentence in enumerate(SENTENCES):
+            length = int(batch["attention_mask"][i].sum())
+            expected = minilm.model.classifier(hidden[i, :length].mean(dim=0))
+            torch.testing.assert_close(logits[i], expected, atol=1e-5, rtol=1e-5)
+            # Padding does not change a sentence's logits.
+            alone = minilm.model(**minilm.tokenizer([sentence], return_tensors="pt")).logits[0]
+            torch.testing.assert_close(logits[i], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_cls_pooling_keeps_the_architectures_own_head() -> None:
+    base = load_base(minilm_spec(pooling="cls"))
+    assert type(base.model).__name__ == "BertForSequenceClassification"
+
+
+def test_auto_pooling_follows_the_sentence_transformers_config(tmp_path: Path) -> None:
+    assert models.resolve_pooling("auto", str(tmp_path)) == "cls"
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    assert models.resolve_pooling("auto", str(tmp_path)) == "mean"
+    assert models.resolve_pooling("cls", str(tmp_path)) == "cls"
+
+
+def test_mean_pooling_on_a_non_bert_model_names_the_fix(tmp_path: Path) -> None:
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="set pooling to cls"):
+        load_base(ModelSpec(name=str(tmp_path), task="classification", num_labels=2, pooling="mean"))
+    with pytest.raises(ValueError, match="pooling 'max' is unknown"):
+        minilm_spec(pooling="max")
+
+
 def test_minilm_default_targets_are_query_and_value(minilm: models.Base) -> None:
     layers = target_layers(minilm.model, minilm.target_modules)
 
