@@ -105,6 +105,9 @@ class Spec(_Strict):
     """One federated run."""
 
     name: str = Field("fedray", min_length=1, description="experiment name in MLflow")
+    label: str | None = Field(
+        None, min_length=1, description="this run's variant in reports (e.g. fedit-r2); default the method"
+    )
     seed: int = Field(0, ge=0, description="seed of every random choice in the run")
 
     method: str = Field("fedplora", description=f"one of {sorted(METHODS)}")

@@ -1,6 +1,7 @@
 """``fedray report``: one MLflow experiment's finished runs as plots, a table and one HTML page.
 
-Runs are grouped by method, and by partition too when the runs differ in it. A group's
+Runs are grouped by method (a run's ``label`` tag, when it has one, names a variant of a
+method, such as fedit-r2), and by partition too when the runs differ in it. A group's
 curve is the mean over its runs (seeds) at each round, with a min-max band; rounds are
 numbered from 1 (MLflow step 0 is round 1). Everything comes from MLflow; nothing is
 recomputed from checkpoints.
@@ -188,12 +189,12 @@ def _eval_metric(runs: list[Run], experiment: str) -> str:
 
 
 def _runs_frame(runs: list[Run]) -> pd.DataFrame:
-    """One row per run: run_id, method, partition, seed, and its group's label."""
+    """One row per run: run_id, method (its label, if any), partition, seed, and its group's label."""
     frame = pd.DataFrame(
         [
             {
                 "run_id": run.info.run_id,
-                "method": run.data.tags.get("method", run.data.params.get("method", "?")),
+                "method": run.data.tags.get("label") or run.data.tags.get("method", run.data.params.get("method", "?")),
                 "partition": run.data.tags.get("partition", run.data.params.get("partition", "?")),
                 "seed": run.data.params.get("seed", "?"),
             }

@@ -432,6 +432,7 @@ def _connect_ray(address: str | None, spec: Spec) -> None:
 def _tags(spec: Spec) -> dict[str, str]:
     tags = {
         "method": spec.method,
+        "label": spec.label or spec.method,
         "model": spec.model,
         "dataset": spec.dataset,
         "partition": spec.partition,

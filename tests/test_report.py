@@ -62,12 +62,15 @@ def log_run(
     partition: str = "iid",
     status: str = "FINISHED",
     relogged_rounds: int = 0,
+    label: str | None = None,
 ) -> None:
     """One run as fedray's Tracker writes it: params, tags, one metric batch per round.
 
     The last ``relogged_rounds`` rounds are logged again later, as a resumed run may do.
     """
     tags = {"method": method, "model": "minilm", "dataset": "rotten_tomatoes", "partition": partition}
+    if label is not None:
+        tags["label"] = label
     run = client.create_run(experiment_id, tags=tags | {"fedray_version": "0.1.0"})
     params = {"method": method, "seed": json.dumps(seed), "partition": partition, "train.lr": json.dumps(3e-3)}
     client.log_batch(run.info.run_id, params=[Param(key, value) for key, value in params.items()])
@@ -96,6 +99,9 @@ def store(tracking_uri):
     partitions = client.create_experiment("report-partitions")
     log_run(client, partitions, "fedplora", 0, k=1, partition="iid")
     log_run(client, partitions, "fedplora", 0, k=3, partition="dirichlet")
+    labelled = client.create_experiment("report-labels")
+    log_run(client, labelled, "fedit", 0, k=2, label="fedit-r16")
+    log_run(client, labelled, "fedit", 0, k=4, label="fedit-r2")
     return tracking_uri
 
 
@@ -143,6 +149,15 @@ def test_runs_that_differ_in_partition_get_a_row_each(store, tmp_path):
     assert float(by_partition["dirichlet"]["final eval_accuracy (mean)"]) == pytest.approx(accuracy(3, 0, ROUNDS - 1))
     # One run per row: the spread is undefined, not zero.
     assert {row["final eval_accuracy (std)"] for row in rows} == {"-"}
+
+
+def test_labelled_variants_of_one_method_get_a_row_each(store, tmp_path):
+    rows = {
+        row["method"]: row
+        for row in parse_markdown(write_report("report-labels", tracking_uri=store, out_dir=tmp_path).markdown)
+    }
+    assert set(rows) == {"fedit-r16", "fedit-r2"}
+    assert float(rows["fedit-r2"]["final eval_accuracy (mean)"]) == pytest.approx(accuracy(4, 0, ROUNDS - 1))
 
 
 def test_pngs_show_one_curve_per_method_in_its_own_colour(report):

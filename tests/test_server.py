@@ -89,6 +89,7 @@ def test_a_run_of_each_method(method, ray_session, tracking_uri, tmp_path, monke
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.params["method"] == method and mlflow_run.data.params["train.local_steps"] == "2"
     assert mlflow_run.data.tags["method"] == method
+    assert mlflow_run.data.tags["label"] == method  # no label in the spec: the method names the run
     for name in ROUND_METRICS:
         steps = [m.step for m in client.get_metric_history(summary.run_id, name)]
         assert sorted(steps) == [0, 1], name
