@@ -449,18 +449,28 @@ class IidPartitioner(Partitioner):
         return np.array_split(order, num_clients)
 
 
+#: How DirichletPartitioner draws: each class over the clients, or each client's label mix.
+DIRICHLET_DRAWS = ("per_label", "per_client")
+
+
 @dataclass(frozen=True)
 class DirichletPartitioner(Partitioner):
-    """Label skew: each class is spread over clients by proportions drawn from Dirichlet(alpha).
+    """Label skew drawn from Dirichlet(alpha); small ``alpha`` gives each client few classes, large ``alpha`` ~ IID.
 
-    Small ``alpha`` gives each client few classes; large ``alpha`` approaches IID. Draws
-    repeat until every client holds at least ``min_size`` examples, at most ``max_tries`` times.
+    ``draw="per_label"`` (NIID-Bench, Li et al. 2022): each class is spread over the clients by
+    proportions drawn from Dirichlet(alpha); client sizes vary, and draws repeat until every
+    client holds at least ``min_size`` examples, at most ``max_tries`` times. With many clients
+    and few classes a small alpha leaves some clients empty in every draw.
+    ``draw="per_client"`` (Hsu et al. 2019): every client gets an equal share of the data whose
+    label mix is drawn from Dirichlet(alpha * class prior); a class that runs out is replaced by
+    the class with the most examples left. It works for any alpha and client count.
     """
 
     alpha: float = 0.5
     min_size: int = 10
     seed: int = 0
     max_tries: int = 1000
+    draw: str = "per_label"
 
     def __post_init__(self) -> None:
         if self.alpha <= 0:
@@ -469,17 +479,21 @@ class DirichletPartitioner(Partitioner):
             raise ValueError(f"min_size={self.min_size} must be at least 1 so that no client is empty.")
         if self.max_tries < 1:
             raise ValueError(f"max_tries={self.max_tries} must be at least 1.")
+        if self.draw not in DIRICHLET_DRAWS:
+            raise ValueError(f"draw={self.draw!r} is unknown; use per_label or per_client.")
 
     def _split(self, dataset: TextDataset, num_clients: int) -> list[np.ndarray]:
         if dataset.labels is None:
             raise ValueError(f"Dataset {dataset.name!r} has no labels; use the 'iid' or 'by_key' partitioner.")
+        labels = np.asarray(dataset.labels)
+        rng = np.random.default_rng(self.seed)
+        if self.draw == "per_client":
+            return self._per_client(labels, num_clients, rng)
         if num_clients * self.min_size > len(dataset):
             raise ValueError(
                 f"{num_clients} clients x min_size={self.min_size} exceeds the {len(dataset)} train examples; "
                 "lower min_size or num_clients."
             )
-        labels = np.asarray(dataset.labels)
-        rng = np.random.default_rng(self.seed)
         for _ in range(self.max_tries):
             shards: list[list[int]] = [[] for _ in range(num_clients)]
             for label in np.unique(labels):
@@ -492,8 +506,23 @@ class DirichletPartitioner(Partitioner):
         raise ValueError(
             f"DirichletPartitioner(alpha={self.alpha}) gave some of {num_clients} clients fewer than "
             f"min_size={self.min_size} examples in {self.max_tries} draws; raise alpha, lower min_size "
-            "or num_clients, or raise max_tries."
+            "or num_clients, raise max_tries, or use draw=per_client (equal client sizes)."
         )
+
+    def _per_client(self, labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+        classes = np.unique(labels)
+        pools = [list(rng.permutation(np.flatnonzero(labels == label))) for label in classes]
+        prior = np.array([len(pool) for pool in pools], dtype=float) / len(labels)
+        shards = []
+        for size in (len(part) for part in np.array_split(np.arange(len(labels)), num_clients)):
+            wanted = rng.multinomial(size, rng.dirichlet(self.alpha * prior))
+            shard: list[int] = []
+            for index in np.repeat(np.arange(len(classes)), wanted):
+                if not pools[index]:
+                    index = max(range(len(pools)), key=lambda i: len(pools[i]))
+                shard.append(pools[index].pop())
+            shards.append(np.asarray(shard))
+        return shards
 
 
 @dataclass(frozen=True)

@@ -259,6 +259,25 @@ def test_dirichlet_skew_grows_as_alpha_falls(rotten):
     assert skews[0] < 0.05 < skews[1] < skews[2]
 
 
+def test_dirichlet_per_client_gives_equal_shards_at_any_skew(rotten):
+    many = 50  # alpha=0.1 over 50 clients and 2 classes leaves per_label clients empty in every draw
+    skews = []
+    for alpha in (100.0, 1.0, 0.1):
+        partition = create_partitioner("dirichlet", alpha=alpha, draw="per_client", seed=0).partition(
+            rotten.train, many
+        )
+        _assert_disjoint_cover(partition, rotten.train)
+        sizes = [stats["size"] for stats in partition.stats]
+        assert max(sizes) - min(sizes) <= 1
+        skews.append(_mean_label_skew(partition, rotten.train))
+    # 204 examples a client: alpha=100 is IID up to sampling noise.
+    assert skews[0] < 0.1 < skews[1] < skews[2]
+    with pytest.raises(ValueError, match="draw=per_client"):
+        DirichletPartitioner(alpha=0.1, min_size=5, max_tries=3).partition(rotten.train, many)
+    with pytest.raises(ValueError, match="draw='sideways' is unknown; use per_label or per_client"):
+        DirichletPartitioner(draw="sideways")
+
+
 def test_dirichlet_same_seed_same_shards(bbc):
     first = DirichletPartitioner(alpha=0.3, min_size=5, seed=7).partition(bbc.train, 8)
     second = DirichletPartitioner(alpha=0.3, min_size=5, seed=7).partition(bbc.train, 8)
