@@ -1,0 +1,388 @@
+"""The accuracy sweep: every method and reference on every setting, one resumable cell at a time.
+
+A cell is one fedray run (setting x variant x seed) of ``setting.yaml`` plus overrides. A
+sitting runs the cells that have no result yet, in order, and appends each finished
+cell's result as one JSON line to ``results.jsonl``; nothing else is ever rewritten, so a
+sitting can end at any moment (Ctrl-C, a time budget, a lost machine) and the next one
+goes on. A cell that was cut off mid-run resumes from its last checkpoint.
+
+    python benchmarks/accuracy/sweep.py list                       # cells, done or not
+    python benchmarks/accuracy/sweep.py run --budget-min 60        # a sitting of about an hour
+    python benchmarks/accuracy/sweep.py run --only rt-dir0.1/fedplora/s0   # one cell
+    python benchmarks/accuracy/sweep.py table                      # tables from results.jsonl
+    python benchmarks/accuracy/sweep.py table --write              # ... into benchmarks/RESULTS.md
+    python benchmarks/accuracy/sweep.py curves                     # fedray report per setting
+    python benchmarks/accuracy/sweep.py --smoke                    # two tiny cells, < 1 min (CI)
+
+Runs and their MLflow store live under ``benchmarks/accuracy/runs/`` (not in git); the
+results file and the tables are the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SETTING_FILE = HERE / "setting.yaml"
+RESULTS_FILE = HERE / "results.jsonl"
+RUNS_DIR = HERE / "runs"
+CURVES_DIR = HERE / "curves"
+RESULTS_MD = HERE.parent / "RESULTS.md"
+#: The block of RESULTS.md that ``table --write`` replaces.
+TABLE_BEGIN = "<!-- sweep tables: begin (written by benchmarks/accuracy/sweep.py table --write) -->"
+TABLE_END = "<!-- sweep tables: end -->"
+SEEDS = (0, 1, 2)
+HETEROGENEOUS = ("fedplora", "hlora", "flexlora", "hetlora", "flora")
+
+#: Setting name -> (overrides, seeds). Rotten Tomatoes: three partitions, three seeds; BBC: one.
+SETTINGS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+    "rt-iid": (("partition=iid",), SEEDS),
+    "rt-dir0.1": (("partition=dirichlet", "partition_options.alpha=0.1", "partition_options.draw=per_client"), SEEDS),
+    "rt-movie": (("partition=by_key",), SEEDS),
+    "bbc-dir0.5": (
+        (
+            "dataset=bbc_news",
+            "partition=dirichlet",
+            "partition_options.alpha=0.5",
+            "partition_options.draw=per_client",
+            "train.max_seq_len=64",
+        ),
+        (0,),
+    ),
+}
+
+#: Variant name -> overrides. The six methods (FedIT is homogeneous: its rows are the two references).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    **{method: (f"method={method}",) for method in HETEROGENEOUS},
+    "fedit-r16": ("method=fedit", "ranks=[16]"),
+    "fedit-r2": ("method=fedit", "max_rank=2", "ranks=[2]"),
+}
+
+#: The HLoRA paper's table on the primary non-IID setting; "hlora" heterogeneous is the main table's cell.
+HLORA_SETTING = "rt-dir0.1"
+HLORA_VARIANTS: dict[str, tuple[str, ...]] = {
+    # Zero-pad each client's factors to rank R and average them by data size.
+    "naive-zeropad": ("method=hetlora", "method_options.weighting=data"),
+    # Reconstruction + SVD when every client has the rank the weakest one can afford.
+    "hlora-homog-r2": ("method=hlora", "ranks=[2]"),
+    # One client holding the pooled data, trained for the same number of steps a round as 5 clients.
+    "central-r16": (
+        "method=fedit",
+        "ranks=[16]",
+        "partition=iid",
+        "partition_options={}",
+        "num_clients=1",
+        "clients_per_round=1",
+        "train.local_steps=40",
+        "resources.num_cpus=2",
+    ),
+}
+
+#: Tiny overrides for --smoke: seconds per cell.
+SMOKE = (
+    "rounds=2",
+    "num_clients=4",
+    "clients_per_round=2",
+    "train.local_steps=1",
+    "train.batch_size=4",
+    "train.max_seq_len=16",
+    "eval.every=1",
+    "eval.max_examples=16",
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the sweep."""
+
+    table: str
+    setting: str
+    variant: str
+    seed: int
+    overrides: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        prefix = "hlora-table/" if self.table == "hlora" else ""
+        return f"{prefix}{self.setting}/{self.variant}/s{self.seed}"
+
+    @property
+    def experiment(self) -> str:
+        return f"accuracy-{'hlora-' if self.table == 'hlora' else ''}{self.setting}"
+
+    def spec_overrides(self, extra: Sequence[str] = ()) -> list[str]:
+        return [
+            f"name={self.experiment}",
+            f"label={self.variant}",
+            f"seed={self.seed}",
+            *SETTINGS[self.setting][0],
+            *self.overrides,
+            *extra,
+        ]
+
+
+def all_cells() -> list[Cell]:
+    """Every cell, in the order a sitting runs them: seed 0 of everything first, so early sittings give whole rows."""
+    cells = []
+    for seed in SEEDS:
+        for setting, (_, seeds) in SETTINGS.items():
+            if seed in seeds:
+                table = "secondary" if setting.startswith("bbc") else "primary"
+                cells += [Cell(table, setting, variant, seed, ov) for variant, ov in VARIANTS.items()]
+        cells += [Cell("hlora", HLORA_SETTING, variant, seed, ov) for variant, ov in HLORA_VARIANTS.items()]
+    return cells
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """Cell id -> its result (the last line wins if a cell was re-run on purpose)."""
+    if not path.exists():
+        return {}
+    results = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            # A sitting killed mid-write leaves a torn last line; the cell simply runs again.
+            print(f"sweep: ignoring unreadable line {number} of {path}", file=sys.stderr)
+            continue
+        results[record["cell"]] = record
+    return results
+
+
+def run_cell(cell: Cell, *, runs_dir: Path, tracking_uri: str, extra: Sequence[str] = ()) -> dict:
+    """Run (or resume) one cell and return its result record."""
+    from fedray.checkpoint import CHECKPOINT_DIR, LATEST
+    from fedray.config import load_spec
+    from fedray.server import resume, run
+
+    run_dir = runs_dir / cell.id
+    spec = load_spec(SETTING_FILE, cell.spec_overrides(extra))
+    started = time.perf_counter()
+    if (run_dir / CHECKPOINT_DIR / LATEST).exists():
+        print(f"sweep: resuming {cell.id} from its last checkpoint", file=sys.stderr)
+        summary = resume(run_dir, progress=False)
+    else:
+        # Cut off before its first checkpoint: nothing to keep.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        summary = run(spec, run_dir=run_dir, tracking_uri=tracking_uri, progress=False)
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [[r["round"] + 1, r["eval_accuracy"]] for r in rounds if r.get("eval_accuracy") is not None]
+    return {
+        "cell": cell.id,
+        "table": cell.table,
+        "setting": cell.setting,
+        "variant": cell.variant,
+        "seed": cell.seed,
+        "final_accuracy": curve[-1][1],
+        "curve": curve,
+        "train_loss_last": rounds[-1].get("train_loss"),
+        "round_s_mean": statistics.fmean(r["round_s"] for r in rounds),
+        "sitting_wall_s": round(time.perf_counter() - started, 1),
+        "mb_up_down": sum(r["bytes_up"] + r["bytes_down"] for r in rounds) / 1e6,
+        "run_id": summary.run_id,
+        "overrides": cell.spec_overrides(extra),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+    }
+
+
+def sitting(
+    cells: Sequence[Cell],
+    *,
+    results_file: Path,
+    runs_dir: Path,
+    budget_s: float | None,
+    extra: Sequence[str] = (),
+) -> int:
+    """Run the cells without a result until the budget is spent; returns how many finished."""
+    import ray
+
+    from fedray.tracking import check_tracking_uri
+
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{runs_dir / 'mlflow.db'}"
+    check_tracking_uri(tracking_uri)
+    done = read_results(results_file)
+    todo = [cell for cell in cells if cell.id not in done]
+    print(f"sweep: {len(cells) - len(todo)} of {len(cells)} cells done, {len(todo)} to run", file=sys.stderr)
+    started = time.perf_counter()
+    finished = 0
+    for cell in todo:
+        if budget_s is not None and time.perf_counter() - started > budget_s:
+            print("sweep: time budget spent; the next sitting goes on from here", file=sys.stderr)
+            break
+        record = run_cell(cell, runs_dir=runs_dir, tracking_uri=tracking_uri, extra=extra)
+        with results_file.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        finished += 1
+        print(
+            f"sweep: {cell.id}: final accuracy {record['final_accuracy']:.4f} ({record['sitting_wall_s']:.0f} s)",
+            file=sys.stderr,
+        )
+    if ray.is_initialized():
+        ray.shutdown()
+    return finished
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _mean_spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def tables(results: dict[str, dict], cells: Sequence[Cell]) -> str:
+    """Markdown: final eval accuracy, mean ± sample std over seeds (n = seeds done of planned)."""
+    by_key: dict[tuple[str, str, str], list[float]] = {}
+    planned: dict[tuple[str, str, str], int] = {}
+    for cell in cells:
+        key = (cell.table, cell.setting, cell.variant)
+        planned[key] = planned.get(key, 0) + 1
+        if cell.id in results:
+            by_key.setdefault(key, []).append(results[cell.id]["final_accuracy"])
+
+    def cell_text(key: tuple[str, str, str]) -> str:
+        values = by_key.get(key, [])
+        if not values:
+            return "-"
+        return f"{_mean_spread(values)} (n={len(values)}/{planned[key]})"
+
+    lines = []
+    primary = [s for s in SETTINGS if not s.startswith("bbc")]
+    for title, table, settings in (
+        ("Rotten Tomatoes, 50 clients, 5 a round: final eval accuracy", "primary", primary),
+        ("BBC News, Dirichlet 0.5, 50 clients, 5 a round: final eval accuracy", "secondary", ["bbc-dir0.5"]),
+    ):
+        lines += [
+            f"#### {title}",
+            "",
+            "| variant | " + " | ".join(settings) + " |",
+            "|---" + "|---:" * len(settings) + "|",
+        ]
+        for variant in VARIANTS:
+            lines.append(f"| {variant} | " + " | ".join(cell_text((table, s, variant)) for s in settings) + " |")
+        lines.append("")
+    lines += [
+        f"#### HLoRA-style table ({HLORA_SETTING}): final eval accuracy",
+        "",
+        "| variant | accuracy |",
+        "|---|---:|",
+    ]
+    hlora_rows = [
+        ("naive federated LoRA, zero-padding (heterogeneous ranks)", ("hlora", HLORA_SETTING, "naive-zeropad")),
+        ("reconstruction + SVD, homogeneous rank 2", ("hlora", HLORA_SETTING, "hlora-homog-r2")),
+        ("reconstruction + SVD, heterogeneous ranks (HLoRA)", ("primary", HLORA_SETTING, "hlora")),
+        ("centralised LoRA r=16 on the pooled data", ("hlora", HLORA_SETTING, "central-r16")),
+    ]
+    lines += [f"| {name} | {cell_text(key)} |" for name, key in hlora_rows]
+    wall = sum(r["sitting_wall_s"] for r in results.values())
+    lines += ["", f"Cells done: {len(results)} of {len(cells)}; their wall time: {wall / 3600:.2f} h."]
+    return "\n".join(lines)
+
+
+def write_tables(markdown: str, path: Path) -> None:
+    text = path.read_text()
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        raise SystemExit(f"{path} has no sweep block; add the lines {TABLE_BEGIN!r} and {TABLE_END!r}")
+    head, _, rest = text.partition(TABLE_BEGIN)
+    _, _, tail = rest.partition(TABLE_END)
+    path.write_text(f"{head}{TABLE_BEGIN}\n{markdown}\n{TABLE_END}{tail}")
+
+
+def curves(runs_dir: Path, out_dir: Path) -> None:
+    """``fedray report`` of every setting's experiment: curves (mean and min-max over seeds) per variant."""
+    from fedray.report import write_report
+
+    tracking_uri = f"sqlite:///{runs_dir / 'mlflow.db'}"
+    for experiment in sorted({cell.experiment for cell in all_cells()}):
+        try:
+            report = write_report(experiment, tracking_uri=tracking_uri, out_dir=out_dir / experiment)
+        except Exception as error:  # an experiment with no finished run yet
+            print(f"sweep: no report for {experiment}: {error}", file=sys.stderr)
+            continue
+        print(f"sweep: {experiment}: {report.out_dir}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _selected(only: Sequence[str]) -> list[Cell]:
+    cells = all_cells()
+    if not only:
+        return cells
+    chosen = [cell for cell in cells if any(fnmatch.fnmatch(cell.id, pattern) for pattern in only)]
+    if not chosen:
+        raise SystemExit(f"no cell matches {list(only)}; `sweep.py list` shows the cell ids")
+    return chosen
+
+
+def _smoke() -> None:
+    """Two tiny cells end to end in a temporary folder: run, resume-free re-run is a no-op, table."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        cells = [c for c in all_cells() if c.id in ("rt-iid/fedplora/s0", "rt-iid/fedit-r2/s0")]
+        results_file = folder / "results.jsonl"
+        finished = sitting(cells, results_file=results_file, runs_dir=folder / "runs", budget_s=None, extra=SMOKE)
+        again = sitting(cells, results_file=results_file, runs_dir=folder / "runs", budget_s=None, extra=SMOKE)
+        results = read_results(results_file)
+        assert finished == 2 and again == 0 and len(results) == 2, (finished, again, results)
+        print(tables(results, cells))
+        print(json.dumps({"smoke": "ok", "cells": {k: v["final_accuracy"] for k, v in results.items()}}))
+
+
+def _iter_status(cells: Sequence[Cell], results: dict[str, dict]) -> Iterator[str]:
+    for cell in cells:
+        result = results.get(cell.id)
+        status = f"{result['final_accuracy']:.4f}" if result else "todo"
+        yield f"{cell.id:45s} {status}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="two tiny cells in a temporary folder (CI)")
+    parser.add_argument("command", nargs="?", choices=("list", "run", "table", "curves"), default="list")
+    parser.add_argument("--only", nargs="*", default=(), help="cell ids or glob patterns (e.g. 'rt-iid/*/s0')")
+    parser.add_argument("--budget-min", type=float, help="start no new cell after this many minutes")
+    parser.add_argument("--write", action="store_true", help="table: replace the sweep block of RESULTS.md")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.smoke:
+        _smoke()
+        return 0
+    cells = _selected(args.only)
+    if args.command == "list":
+        print("\n".join(_iter_status(cells, read_results(RESULTS_FILE))))
+    elif args.command == "run":
+        budget = None if args.budget_min is None else args.budget_min * 60
+        sitting(cells, results_file=RESULTS_FILE, runs_dir=RUNS_DIR, budget_s=budget)
+    elif args.command == "table":
+        markdown = tables(read_results(RESULTS_FILE), all_cells())
+        print(markdown)
+        if args.write:
+            write_tables(markdown, RESULTS_MD)
+    else:
+        curves(RUNS_DIR, CURVES_DIR)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The accuracy sweep's cells, its append-only results file and its smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedray.config import load_spec
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy" / "sweep.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("accuracy_sweep", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_cell_is_a_valid_spec_with_a_unique_id(sweep):
+    cells = sweep.all_cells()
+    assert len({cell.id for cell in cells}) == len(cells)
+    # 3 Rotten Tomatoes partitions x 7 variants x 3 seeds, BBC x 7 x 1, the HLoRA table's 3 extra rows x 3 seeds.
+    assert len(cells) == 3 * 7 * 3 + 7 + 3 * 3
+    for cell in cells:
+        spec = load_spec(sweep.SETTING_FILE, cell.spec_overrides())
+        assert spec.num_clients in (50, 1) and spec.label == cell.variant and spec.seed == cell.seed
+        if cell.variant in ("fedit-r16", "central-r16"):
+            assert (spec.method, spec.ranks, spec.max_rank) == ("fedit", [16], 16)
+        if cell.variant == "fedit-r2":
+            assert (spec.method, spec.ranks, spec.max_rank) == ("fedit", [2], 2)
+        if cell.variant in sweep.HETEROGENEOUS:
+            assert spec.ranks == [2, 4, 8, 16]
+    central = next(cell for cell in cells if cell.variant == "central-r16")
+    federated = next(cell for cell in cells if cell.variant == "fedplora")
+    central_spec = load_spec(sweep.SETTING_FILE, central.spec_overrides())
+    federated_spec = load_spec(sweep.SETTING_FILE, federated.spec_overrides())
+    # The centralised ceiling takes as many steps a round as the five federated clients together.
+    assert central_spec.train.local_steps == federated_spec.sampled_clients * federated_spec.train.local_steps
+
+
+def test_results_survive_a_torn_line_and_tables_count_seeds(sweep, tmp_path):
+    results_file = tmp_path / "results.jsonl"
+    rows = [
+        {"cell": "rt-iid/fedplora/s0", "final_accuracy": 0.7, "sitting_wall_s": 60.0},
+        {"cell": "rt-iid/fedplora/s1", "final_accuracy": 0.8, "sitting_wall_s": 60.0},
+    ]
+    results_file.write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"cell": "rt-iid/hl')
+    results = sweep.read_results(results_file)
+    assert set(results) == {"rt-iid/fedplora/s0", "rt-iid/fedplora/s1"}
+    markdown = sweep.tables(results, sweep.all_cells())
+    assert "| fedplora | 0.750 ± 0.071 (n=2/3) | - | - |" in markdown
+
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text(f"intro\n{sweep.TABLE_BEGIN}\nold\n{sweep.TABLE_END}\noutro\n")
+    sweep.write_tables("new table", results_md)
+    assert results_md.read_text() == f"intro\n{sweep.TABLE_BEGIN}\nnew table\n{sweep.TABLE_END}\noutro\n"
+
+
+def test_smoke_runs_two_cells_and_a_second_sitting_redoes_none():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["smoke"] == "ok"
+    assert set(summary["cells"]) == {"rt-iid/fedplora/s0", "rt-iid/fedit-r2/s0"}
+    assert all(0.0 <= accuracy <= 1.0 for accuracy in summary["cells"].values())
