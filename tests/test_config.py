@@ -83,3 +83,16 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     assert done.returncode == EXIT_BAD_INPUT
     assert "the MLflow server at http://127.0.0.1:9 does not answer" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).resolve().parents[1].joinpath("jobs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_job_spec_validates_and_its_partition_splits(path):
+    from fedray import job
+    from fedray.data import create_partitioner
+
+    spec = load_spec(path)
+    partitioner = create_partitioner(spec.partition, **({"seed": spec.seed} | spec.partition_options))
+    partition = partitioner.partition(job.dataset_split(spec).train, spec.num_clients)
+    assert partition.num_clients == spec.num_clients
