@@ -1,0 +1,304 @@
+"""Orchestration overhead: fedray's rounds against a bare single-process loop doing the same work.
+
+Both sides run the same spec. fedray: ``fedray.server.run`` on a Ray started here, with
+its client and evaluation tasks, aggregation actor, checkpoints and MLflow. Bare: one
+process and none of that; it calls fedray's client code directly, one client at a time:
+the same partition, ranks, sampled clients, method starts (``client_init``), seeds
+(``job.client_seed``), ``Workbench.train``, ``aggregate``, head averaging and evaluation.
+Each client task gets every core (``resources.num_cpus`` = cores), so fedray also trains
+one client at a time, with as many torch threads as the bare loop. Every round evaluates
+on both sides (``eval.every=1``), so all measured rounds do the same work.
+
+Per round, the bare loop's time runs from sampling to the end of evaluation. fedray's
+``round_s`` covers the same span; its wall time per round is the time between the
+MLflow records of consecutive rounds, so it also holds the checkpoint and the MLflow
+logging. Round 0 (worker start-up, first model build) is reported apart and left out of
+the ratio. The two sides' train losses per round are compared too: equal losses show
+that they did the same work.
+
+    .venv/bin/python benchmarks/system/overhead.py                 # quickstart, 6 rounds
+    .venv/bin/python benchmarks/system/overhead.py --smoke         # tiny sizes, under a minute (CI)
+    .venv/bin/python benchmarks/system/overhead.py rounds=8 method=hlora ranks=[2,4,8,16] --out overhead.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from harness import (
+    add_common_arguments,
+    bench_spec,
+    core_count,
+    create_run_method,
+    finish,
+    local_ray,
+    markdown_table,
+    prepare_run,
+    start,
+)
+from mlflow.tracking import MlflowClient
+
+from fedray import job, tasks
+from fedray.client import Workbench, head_state
+from fedray.config import Spec
+from fedray.models import export_base
+from fedray.server import run
+
+SPEC_FILE = "jobs/quickstart.yaml"
+#: fedray's round may take at most this much longer than the bare loop's (a ratio of 1.10).
+TARGET_OVERHEAD = 0.10
+#: Every round evaluates, on both sides, so that every measured round does the same work.
+COMMON_OVERRIDES = ("name=bench-overhead", "eval.every=1")
+FULL_OVERRIDES = ("rounds=6", "eval.max_examples=200")
+SMOKE_OVERRIDES = (
+    "rounds=2",
+    "num_clients=4",
+    "clients_per_round=2",
+    "partition=iid",
+    "partition_options={}",
+    "dataset_options.max_examples=200",
+    "train.local_steps=2",
+    "train.batch_size=4",
+    "train.max_seq_len=16",
+    "eval.max_examples=16",
+)
+#: Train losses of the two sides may differ by this much (relative) and still count as the same work.
+SAME_LOSS_RTOL = 1e-3
+MS_PER_S = 1000.0
+
+
+@dataclass
+class RoundTiming:
+    round: int
+    #: From sampling the round's clients to the end of its evaluation.
+    round_s: float
+    train_loss: float
+    eval_metric: float
+    #: fedray only: time between the MLflow records of this round and the one before.
+    wall_s: float | None = None
+
+    @property
+    def measured_s(self) -> float:
+        """The time that counts for the ratio: fedray's wall time, the bare loop's round."""
+        return self.round_s if self.wall_s is None else self.wall_s
+
+
+@dataclass
+class Side:
+    name: str
+    rounds: list[RoundTiming]
+    #: Bare: data, base model and workbench; fedray: starting Ray.
+    setup_s: float
+    #: The whole run, set-up included.
+    total_s: float
+    #: fedray only: worker processes that ran client tasks, and the most times one built the base.
+    workers: int = 1
+    max_builds: int = 1
+
+    def measured_s(self) -> float:
+        """Rounds 1.. (round 0 holds worker start-up and first builds)."""
+        return sum(timing.measured_s for timing in self.rounds[1:])
+
+
+def metric_name(spec: Spec) -> str:
+    return "eval_accuracy" if job.dataset_split(spec).train.task == "classification" else "eval_rougeL"
+
+
+def bare_loop(spec: Spec) -> Side:
+    """Every round of ``spec`` in this process: fedray's client code, no Ray, no MLflow, no checkpoints."""
+    started = time.perf_counter()
+    tasks._set_threads(spec)  # the torch threads a client task of this spec gets
+    prepared = prepare_run(spec)
+    split, base = prepared["split"], prepared["base"]
+    shards, client_ranks = prepared["partition"].shards, prepared["ranks"]
+    bench = Workbench(export_base(base))
+    method = create_run_method(spec, base)
+    head = head_state(base.model) or None
+    eval_set = job.eval_set(spec, split)
+    metric = metric_name(spec)
+    setup_s = time.perf_counter() - started
+
+    rounds = []
+    for round_index in range(spec.rounds):
+        round_started = time.perf_counter()
+        sampled = job.sample_clients(spec, round_index)
+        inits = {client: method.client_init(client, client_ranks[client]) for client in sampled}
+        results = [
+            bench.train(
+                inits[client],
+                split.train.subset(shards[client]),
+                spec,
+                head=head,
+                seed=job.client_seed(spec, round_index, client),
+            )
+            for client in sampled
+        ]
+        method.aggregate(result.update for result in results)
+        examples = sum(result.update.num_examples for result in results)
+        # The aggregation actor's head: averaged by data size over the clients that sent one.
+        heads = [(result.update.num_examples, result.head) for result in results if result.head is not None]
+        if heads:
+            head = {name: sum(n * trained[name] for n, trained in heads) / examples for name in heads[0][1]}
+        metrics = bench.evaluate(method.global_delta(), eval_set, spec, head=head)
+        rounds.append(
+            RoundTiming(
+                round=round_index,
+                round_s=time.perf_counter() - round_started,
+                train_loss=sum(r.metrics["train_loss"] * r.update.num_examples for r in results) / examples,
+                eval_metric=metrics[metric],
+            )
+        )
+        print(f"bare   round {round_index}: {rounds[-1].round_s:.2f} s", flush=True)
+    return Side("bare", rounds, setup_s, time.perf_counter() - started)
+
+
+def fedray_run(spec: Spec, cores: int) -> Side:
+    """``spec`` through ``fedray.server.run`` on a Ray of this machine's cores; per-round wall times from MLflow."""
+    metric = metric_name(spec)
+    with tempfile.TemporaryDirectory(prefix="fedray-overhead-") as work_dir:
+        tracking_uri = f"sqlite:///{Path(work_dir) / 'mlflow.db'}"
+        started = time.perf_counter()
+        with local_ray(num_cpus=cores) as ray_start_s:
+            summary = run(spec, run_dir=Path(work_dir) / "run", tracking_uri=tracking_uri, progress=False)
+        total_s = time.perf_counter() - started
+        history = MlflowClient(tracking_uri).get_metric_history(summary.run_id, "round_s")
+    logged_ms = {entry.step: entry.timestamp for entry in history}
+    rounds = []
+    for record in summary.rounds:
+        index = record["round"]
+        wall_s = (logged_ms[index] - logged_ms[index - 1]) / MS_PER_S if index > 0 else None
+        rounds.append(RoundTiming(index, record["round_s"], record["train_loss"], record[metric], wall_s))
+        print(f"fedray round {index}: {record['round_s']:.2f} s", flush=True)
+    builds = [worker["builds"] for worker in summary.worker_builds.values()]
+    return Side("fedray", rounds, ray_start_s, total_s, workers=len(builds), max_builds=max(builds))
+
+
+def same_work(bare: Side, fedray: Side) -> float:
+    """The largest relative difference between the two sides' train losses over the rounds."""
+    return max(
+        abs(ours.train_loss - theirs.train_loss) / max(abs(theirs.train_loss), 1e-12)
+        for ours, theirs in zip(fedray.rounds, bare.rounds, strict=True)
+    )
+
+
+def rounds_table(bare: Side, fedray: Side) -> str:
+    header = [
+        "round",
+        "bare s",
+        "fedray round_s",
+        "fedray wall s",
+        "wall / bare",
+        "train loss bare",
+        "train loss fedray",
+        "eval bare",
+        "eval fedray",
+    ]
+    rows = []
+    for ours, theirs in zip(fedray.rounds, bare.rounds, strict=True):
+        wall = "-" if ours.wall_s is None else f"{ours.wall_s:.2f}"
+        ratio = "-" if ours.wall_s is None else f"{ours.wall_s / theirs.round_s:.3f}"
+        rows.append(
+            [
+                ours.round,
+                f"{theirs.round_s:.2f}",
+                f"{ours.round_s:.2f}",
+                wall,
+                ratio,
+                f"{theirs.train_loss:.6f}",
+                f"{ours.train_loss:.6f}",
+                f"{theirs.eval_metric:.4f}",
+                f"{ours.eval_metric:.4f}",
+            ]
+        )
+    return markdown_table(header, rows)
+
+
+def sides_table(bare: Side, fedray: Side) -> str:
+    last = len(bare.rounds) - 1
+    header = ["side", "set-up s", "round 0 s", f"rounds 1..{last} s", "whole run s"]
+    rows = [
+        ["bare", f"{bare.setup_s:.2f} (data, model)", f"{bare.rounds[0].round_s:.2f}", f"{bare.measured_s():.2f}"],
+        [
+            "fedray",
+            f"{fedray.setup_s:.2f} (Ray start)",
+            f"{fedray.rounds[0].round_s:.2f} (round_s)",
+            f"{fedray.measured_s():.2f} (wall)",
+        ],
+    ]
+    return markdown_table(
+        header, [[*row, f"{side.total_s:.2f}"] for row, side in zip(rows, (bare, fedray), strict=True)]
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help=f"spec overrides (key=value) on top of {SPEC_FILE}")
+    add_common_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = start("overhead", argv, args.smoke)
+    cores = core_count()
+    overrides = [
+        *COMMON_OVERRIDES,
+        *(SMOKE_OVERRIDES if args.smoke else FULL_OVERRIDES),
+        f"resources.num_cpus={cores}",
+        *args.overrides,
+    ]
+    spec = bench_spec(SPEC_FILE, overrides)
+    if spec.rounds < 2:
+        raise SystemExit(f"rounds={spec.rounds}: at least 2 are needed (round 0 is left out of the ratio)")
+
+    bare = bare_loop(spec)
+    fedray = fedray_run(spec, cores)
+
+    ratio = fedray.measured_s() / bare.measured_s()
+    round_s_ratio = sum(t.round_s for t in fedray.rounds[1:]) / bare.measured_s()
+    per_round = [ours.wall_s / theirs.round_s for ours, theirs in zip(fedray.rounds[1:], bare.rounds[1:], strict=True)]
+    loss_gap = same_work(bare, fedray)
+    met = "met" if ratio <= 1 + TARGET_OVERHEAD else "MISSED"
+    threads = torch.get_num_threads()
+    report.sections += [
+        f"Setting: `{SPEC_FILE}` ({spec.model}, {spec.dataset}, {spec.method}) with {' '.join(overrides)}: "
+        f"{spec.rounds} rounds of {spec.sampled_clients} clients, {spec.train.local_steps} local steps each, "
+        f"evaluation of {spec.eval.max_examples} examples every round; one client at a time with {threads} torch "
+        f"threads on both sides.",
+        rounds_table(bare, fedray),
+        sides_table(bare, fedray),
+        f"fedray / bare over rounds 1..{spec.rounds - 1}: {ratio:.3f} by wall time (checkpoints and MLflow "
+        f"included), {round_s_ratio:.3f} by round_s; per round (wall) median {statistics.median(per_round):.3f}. "
+        f"Target <= {1 + TARGET_OVERHEAD:.2f}: {met}. Train losses of the two sides agree to {loss_gap:.1e} "
+        f"(relative): {'the same work' if loss_gap <= SAME_LOSS_RTOL else 'NOT the same work'}. fedray's client "
+        f"tasks ran in {fedray.workers} worker process(es), each building the base model at most "
+        f"{fedray.max_builds} time(s).",
+    ]
+    report.results = {
+        "spec_file": SPEC_FILE,
+        "overrides": overrides,
+        "torch_threads": threads,
+        "ratio_wall": ratio,
+        "ratio_round_s": round_s_ratio,
+        "ratio_per_round": per_round,
+        "target_ratio": 1 + TARGET_OVERHEAD,
+        "target_met": ratio <= 1 + TARGET_OVERHEAD,
+        "train_loss_max_rel_diff": loss_gap,
+        "same_work": loss_gap <= SAME_LOSS_RTOL,
+        "bare": asdict(bare),
+        "fedray": asdict(fedray),
+    }
+    finish(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

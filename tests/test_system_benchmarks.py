@@ -1,0 +1,109 @@
+"""The system benchmarks' smoke modes: each script runs end to end and reports sane numbers.
+
+Each script runs in a subprocess with its own Ray (never the test session's), as a user
+would run it; the tests read the JSON it writes beside its markdown report.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "benchmarks" / "system"
+#: Seconds a smoke run may take here. Each takes under a minute on 2 idle cores; other
+#: work on a shared machine can stretch that several times.
+SMOKE_TIMEOUT_S = 600
+#: Llama-3.1-8B target layers of one block: q_proj 4096 x 4096 and v_proj 1024 x 4096.
+LLAMA_BLOCK_NUMBERS_PER_RANK = (4096 + 4096) + (1024 + 4096)
+FLOAT_BYTES = 4
+
+
+def run_smoke(script: str, tmp_path: Path) -> dict:
+    """Run ``benchmarks/system/<script>.py --smoke``; check its report files and return the JSON's results."""
+    out = tmp_path / f"{script}.md"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / f"{script}.py"), "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.startswith("Machine: ")
+    text = out.read_text()
+    assert text.startswith("Machine: ") and "Load average (1 min):" in text and "|---|" in text
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["benchmark"] == script and report["smoke"] is True
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["torch"] and machine["ray"] and machine["load_after"] is not None
+    return report["results"]
+
+
+def test_traffic_matches_the_formulas(tmp_path):
+    results = run_smoke("traffic", tmp_path)
+    assert results["all_match"] is True
+    methods = {(entry["shape_set"], entry["method"]): entry for entry in results["methods"]}
+    assert {method for _, method in methods} == {"fedit", "flora", "flexlora", "hetlora", "hlora", "fedplora"}
+    for entry in methods.values():
+        assert entry["matches"] and all(entry["round_totals_match"])
+        for client in entry["clients"]:
+            assert client["down"] == client["down_formula"] and client["up"] == client["up_formula"]
+            # Ray ships the pickled objects: the counted bytes are nearly all of them.
+            assert client["down"] <= client["down_pickled"] < 1.1 * client["down"] + 10_000
+    (llama,) = [shape_set for shape_set in results["shape_sets"] if shape_set["name"].startswith("llama")]
+    per_rank = FLOAT_BYTES * LLAMA_BLOCK_NUMBERS_PER_RANK * llama["blocks"]
+    full_rank = 16 * per_rank
+    fedit = methods[(llama["name"], "fedit")]["clients"]
+    assert {client["down"] for client in fedit} == {full_rank}
+    # Fed-PLoRA sends every one of the R modules: its trained ones as factors, the rest folded.
+    assert {client["down"] for client in methods[(llama["name"], "fedplora")]["clients"]} == {full_rank}
+    for client in methods[(llama["name"], "hlora")]["clients"]:
+        assert client["down"] == client["up"] == client["rank"] * per_rank
+    flora = methods[(llama["name"], "flora")]["clients"]
+    first, later = [c for c in flora if c["round"] == 0], [c for c in flora if c["round"] == 2]
+    assert all(c["down"] == c["up"] for c in first)  # nothing to fold yet
+    assert min(c["down"] for c in later) > max(c["down"] for c in first)  # the stacked global delta
+
+
+def test_concurrency_runs_the_requested_number_of_clients(tmp_path):
+    results = run_smoke("concurrency", tmp_path)
+    assert [share["k"] for share in results["fake_gpu"]] == [1, 2, 4]
+    for share in results["fake_gpu"]:
+        assert share["max_concurrent"] == share["k"], share
+        assert share["tasks"] == 2 * share["k"]
+    assert results["fake_gpu_as_requested"] is True
+    levels = {level["level"]: level for level in results["throughput"]}
+    assert set(levels) == {1, 2}
+    assert levels[1]["torch_threads"] == 2 * levels[2]["torch_threads"]
+    for level in levels.values():
+        assert level["client_rounds"] == 4 and level["client_rounds_per_s"] > 0
+        assert level["max_builds_per_worker"] == 1  # warm workers: the base was built once per worker
+    assert results["speedup"] > 0
+
+
+def test_memory_counts_the_shared_base_once(tmp_path):
+    results = run_smoke("memory", tmp_path)
+    base = results["base_bytes"]
+    assert base > 50 * 2**20  # MiniLM's weights
+    settings = {(s["variant"], s["k"]): s for s in results["settings"]}
+    assert set(settings) == {("shared", 1), ("shared", 2), ("naive", 1), ("naive", 2)}
+    for (variant, k), setting in settings.items():
+        assert setting["peak_total_bytes"] > setting["idle_total_bytes"] > 0
+        assert setting["most_busy_workers"] == k, (variant, setting)
+    for k in (1, 2):
+        shared, naive = settings[("shared", k)], settings[("naive", k)]
+        # Each naive worker holds its own copy of the base; shared ones read the object store's.
+        assert naive["peak_workers_bytes"] - shared["peak_workers_bytes"] > 0.5 * k * base
+    assert set(results["working_set_bytes"]) == {"shared", "naive"}
+
+
+def test_overhead_compares_the_same_work(tmp_path):
+    results = run_smoke("overhead", tmp_path)
+    assert results["same_work"] is True and results["train_loss_max_rel_diff"] < 1e-3
+    assert len(results["bare"]["rounds"]) == len(results["fedray"]["rounds"]) == 2
+    assert results["fedray"]["rounds"][0]["wall_s"] is None and results["fedray"]["rounds"][1]["wall_s"] > 0
+    assert results["fedray"]["max_builds"] == 1
+    assert results["ratio_wall"] > 0 and results["target_ratio"] == 1.1
