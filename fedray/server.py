@@ -119,7 +119,7 @@ def run(
         raise FileExistsError(f"run directory {run_dir} already holds a run; choose a new --run-dir or --resume it")
     tracking_uri = tracking_uri or default_tracking_uri(runs_root)
     _check_services(tracking_uri, address)
-    prepared = _prepare(spec)
+    prepared = prepare(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
     (run_dir / "partition.json").write_text(json.dumps(prepared["partition"].stats, indent=1))
@@ -160,7 +160,7 @@ def resume(
     if info["spec_digest"] != saved.digest():
         raise SpecError(f"{run_dir}/spec.yaml does not match its checkpoint; restore it or start a new run")
     _check_services(info["tracking_uri"], address)
-    prepared = _prepare(spec)
+    prepared = prepare(spec)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
     tracker = Tracker(info["tracking_uri"], info["run_id"])
     MlflowClient(info["tracking_uri"]).update_run(info["run_id"], status="RUNNING")
@@ -182,7 +182,7 @@ def _check_services(tracking_uri: str, address: str | None) -> None:
         _check_reachable(address)
 
 
-def _prepare(spec: Spec) -> dict[str, Any]:
+def prepare(spec: Spec) -> dict[str, Any]:
     """Data, partition, ranks and base model: checked and built before Ray starts."""
     split = job.dataset_split(spec)
     partitioner = create_partitioner(spec.partition, **({"seed": spec.seed} | spec.partition_options))

@@ -39,7 +39,8 @@ def workbench(run_key: str, shared_box: list) -> Workbench:
     return bench
 
 
-def _set_threads(spec: Spec) -> None:
+def set_threads(spec: Spec) -> None:
+    """Give torch the threads a client task of ``spec`` owns (``resources.torch_threads``, else its CPUs)."""
     threads = spec.resources.torch_threads or max(1, int(spec.resources.num_cpus))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -95,7 +96,7 @@ def train_task(
     the driver's (``max_retries=0``), so injected faults and timeouts count the same way.
     """
     corrupt = inject_fault(spec.faults, fault_seed(seed, attempt))
-    _set_threads(spec)
+    set_threads(spec)
     bench = workbench(run_key, shared_box)
     shard = job.dataset_split(spec).train.subset(indices)
     result = bench.train(init, shard, spec, head=head, seed=seed)
@@ -115,7 +116,7 @@ def eval_task(
     spec: Spec,
 ) -> dict[str, float]:
     """Metrics of the global model ``state = (global_delta, head)`` on the server's test set."""
-    _set_threads(spec)
+    set_threads(spec)
     bench = workbench(run_key, shared_box)
     global_delta, head = state
     return bench.evaluate(global_delta, job.eval_set(spec, job.dataset_split(spec)), spec, head=head)

@@ -80,7 +80,7 @@ def timed_client(
     """fedray's client round (the body of ``fedray.tasks.train_task``: the worker's workbench,
     its torch threads, ``Workbench.train``) between two clock readings: (pid, start, end)."""
     started = time.time()
-    tasks._set_threads(spec)
+    tasks.set_threads(spec)
     bench = tasks.workbench(run_key, shared_box)
     bench.train(init, job.dataset_split(spec).train.subset(indices), spec, head=head, seed=seed)
     return os.getpid(), started, time.time()

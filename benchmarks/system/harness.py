@@ -206,7 +206,7 @@ class Clients:
 def prepare_run(spec: Spec) -> dict[str, Any]:
     """What fedray's server derives from ``spec`` before Ray starts: ``split``, ``partition``,
     ``ranks`` (per client) and ``base``; its own function, so the benchmarks cannot drift from it."""
-    return server._prepare(spec)
+    return server.prepare(spec)
 
 
 def create_run_method(spec: Spec, base: Base) -> Method:

@@ -158,7 +158,7 @@ def _title(process: psutil.Process) -> str:
 @ray.remote(max_calls=0)
 def naive_client(shared_box: list, init: ClientInit, indices, spec: Spec, head, seed: int) -> int:
     """fedray's client round on this worker's own copy of the base (copied out of the object store)."""
-    tasks._set_threads(spec)
+    tasks.set_threads(spec)
     shared: SharedBase = ray.get(shared_box[0])
     own = dataclasses.replace(shared, arrays={key: array.copy() for key, array in shared.arrays.items()})
     del shared  # from here on, only the private copy

@@ -115,7 +115,7 @@ def metric_name(spec: Spec) -> str:
 def bare_loop(spec: Spec) -> Side:
     """Every round of ``spec`` in this process: fedray's client code, no Ray, no MLflow, no checkpoints."""
     started = time.perf_counter()
-    tasks._set_threads(spec)  # the torch threads a client task of this spec gets
+    tasks.set_threads(spec)  # the torch threads a client task of this spec gets
     prepared = prepare_run(spec)
     split, base = prepared["split"], prepared["base"]
     shards, client_ranks = prepared["partition"].shards, prepared["ranks"]
