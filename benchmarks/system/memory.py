@@ -40,6 +40,9 @@ from dataclasses import dataclass, field
 
 import psutil
 import ray
+
+# The PSS of a process tree is read the same way as the Flower comparison reads it.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "peers"))
 from harness import (
     BYTES_PER_MIB,
     Clients,
@@ -54,6 +57,7 @@ from harness import (
     warm_workers,
     with_resources,
 )
+from pss import tree_pss
 
 from fedray import job, tasks
 from fedray.client import Workbench
@@ -111,17 +115,15 @@ class ClusterMemory:
 
     def read(self) -> Sample:
         driver = psutil.Process()
-        total = driver_pss = _pss(driver)
+        sizes = tree_pss(driver)
+        total = sum(pss for _, pss in sizes.values())
         workers = busy = 0
-        for process in driver.children(recursive=True):
-            pss = _pss(process)
-            total += pss
-            title = _title(process)
-            titled_worker = title.startswith("ray::") and not title.startswith(AGENT_TITLES)
-            if titled_worker or WORKER_SCRIPT in title:
+        for label, pss in sizes.values():
+            titled_worker = label.startswith("ray::") and not label.startswith(AGENT_TITLES)
+            if titled_worker or WORKER_SCRIPT in label:
                 workers += pss
-                busy += title.startswith(CLIENT_TASK_TITLES)
-        return Sample(total, driver_pss, workers, busy)
+                busy += label.startswith(CLIENT_TASK_TITLES)
+        return Sample(total, sizes.get(driver.pid, ("", 0))[1], workers, busy)
 
     def __enter__(self) -> ClusterMemory:
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -139,20 +141,6 @@ class ClusterMemory:
 
     def peak(self) -> Sample:
         return max(self.samples, key=lambda sample: sample.total)
-
-
-def _pss(process: psutil.Process) -> int:
-    try:
-        return process.memory_full_info().pss
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return 0  # gone between listing and reading, or not ours to read
-
-
-def _title(process: psutil.Process) -> str:
-    try:
-        return " ".join(process.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return ""
 
 
 @ray.remote(max_calls=0)
