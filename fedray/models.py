@@ -37,6 +37,7 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.bert import BertConfig, BertModel, BertPreTrainedModel
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as transformers_logging
 
 Task = Literal["classification", "generation"]
 TASKS: tuple[Task, ...] = get_args(Task)
@@ -183,6 +184,33 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV_VAR, DEFAULT_CACHE_DIR)).expanduser()
 
 
+#: Modules a classification model adds to its checkpoint: missing from it by design.
+NEW_HEAD_MODULES = ("classifier", "score")
+
+
+def _from_pretrained(model_class: type, source: str | Path, **kwargs: Any) -> torch.nn.Module:
+    """``model_class.from_pretrained`` without transformers' load report, warning only of real gaps.
+
+    The report lists the new classification head as missing and checkpoint weights the
+    model does not use (a pretraining head, the pooler a mean-pooled model skips) as
+    unexpected: both by design here. A missing weight outside the head is not, and warns.
+    """
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    missing = [key for key in info.get("missing_keys", ()) if key.split(".")[0] not in NEW_HEAD_MODULES]
+    if missing:
+        warnings.warn(
+            f"{source}: {len(missing)} weights of {model_class.__name__} are not in the checkpoint and start "
+            f"untrained (first: {', '.join(sorted(missing)[:3])}); check that the model folder matches its config",
+            stacklevel=3,
+        )
+    return model
+
+
 def load_base(spec: ModelSpec, cache_dir: str | Path | None = None) -> Base:
     """Load the frozen base model and tokenizer that ``spec`` names.
 
@@ -204,7 +232,7 @@ def load_base(spec: ModelSpec, cache_dir: str | Path | None = None) -> Base:
         model_class = MeanPoolingBertForSequenceClassification
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = model_class.from_pretrained(source, **head_kwargs)
+        model = _from_pretrained(model_class, source, **head_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         # Batches are padded; decoder-only tokenizers often ship without a pad token.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,25 @@ def test_mean_pooling_on_a_non_bert_model_names_the_fix(tmp_path: Path) -> None:
         load_base(ModelSpec(name=str(tmp_path), task="classification", num_labels=2, pooling="mean"))
     with pytest.raises(ValueError, match="pooling 'max' is unknown"):
         minilm_spec(pooling="max")
+
+
+def test_loading_is_quiet_about_the_new_head_and_warns_of_real_gaps(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2ForSequenceClassification
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=32)).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new "score" head and the unused LM head are expected
+        models._from_pretrained(GPT2ForSequenceClassification, tmp_path, num_labels=2)
+    assert "LOAD REPORT" not in caplog.text
+
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["transformer.h.0.mlp.c_fc.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"1 weights .* not in the checkpoint .*h\.0\.mlp\.c_fc\.weight"):
+        models._from_pretrained(GPT2ForSequenceClassification, tmp_path, num_labels=2)
 
 
 def test_minilm_default_targets_are_query_and_value(minilm: models.Base) -> None:
