@@ -64,7 +64,7 @@ def test_results_survive_a_torn_line_and_tables_count_seeds(sweep, tmp_path):
     assert results_md.read_text() == f"intro\n{sweep.TABLE_BEGIN}\nnew table\n{sweep.TABLE_END}\noutro\n"
 
 
-def test_smoke_runs_two_cells_and_a_second_sitting_redoes_none():
+def test_smoke_runs_two_cells_a_second_sitting_redoes_none_and_again_reruns_one():
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
