@@ -31,10 +31,8 @@ from transformers.pytorch_utils import Conv1D
 from fedray.config import Spec, TrainSpec
 from fedray.data import TextDataset, make_batches
 from fedray.methods import ClientInit, ClientUpdate
-from fedray.models import SharedBase, build_model, target_layers
+from fedray.models import HEAD_MODULES, SharedBase, build_model, target_layers
 
-#: Module names that hold a sequence-classification head, as transformers names them.
-HEAD_MODULES = ("classifier", "score")
 #: Prefix of the modules peft puts around the model.
 PEFT_PREFIX = "base_model.model."
 #: ru_maxrss is in KiB on Linux and in bytes on macOS.

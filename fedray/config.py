@@ -101,6 +101,14 @@ class ReliabilitySpec(_Strict):
     on_large_update: Literal["reject", "clip"] = Field("reject", description="what to do past max_update_norm")
 
 
+class RankTierSpec(_Strict):
+    """A class of clients by memory: each gets the largest of ``ranks`` whose training fits ``memory_gb``."""
+
+    name: str = Field(min_length=1, description="what to call these clients (e.g. phone, laptop)")
+    memory_gb: float = Field(gt=0, description="memory each of these clients has for training, in 10^9 bytes")
+    share: float = Field(ge=0, le=1, description="fraction of all clients in this tier")
+
+
 class Spec(_Strict):
     """One federated run."""
 
@@ -117,6 +125,10 @@ class Spec(_Strict):
 
     ranks: list[int] = Field([2, 4, 8, 16], min_length=1, description="client ranks to draw from")
     rank_proportions: list[float] | None = Field(None, description="share of clients per rank; default equal")
+    rank_tiers: list[RankTierSpec] | None = Field(
+        None,
+        description="clients by memory instead of rank_proportions: each tier gets the largest of ranks that fits",
+    )
 
     model: str = Field("minilm", description="model registry name, local folder or hub id")
     target_modules: list[str] | None = Field(None, description="LoRA targets; default per architecture")
@@ -163,6 +175,16 @@ class Spec(_Strict):
                 )
             if any(p < 0 for p in self.rank_proportions) or abs(sum(self.rank_proportions) - 1) > 1e-6:
                 raise ValueError(f"rank_proportions {self.rank_proportions} must be non-negative and sum to 1")
+        if self.rank_tiers is not None:
+            if self.rank_proportions is not None:
+                raise ValueError("rank_proportions and rank_tiers both split clients; give one of them")
+            if not self.rank_tiers:
+                raise ValueError("rank_tiers is empty; give at least one {name, memory_gb, share} or leave it out")
+            names = [tier.name for tier in self.rank_tiers]
+            if len(set(names)) != len(names):
+                raise ValueError(f"rank_tiers names {names} repeat; give each tier a distinct name")
+            if abs(sum(tier.share for tier in self.rank_tiers) - 1) > 1e-6:
+                raise ValueError(f"rank_tiers shares {[tier.share for tier in self.rank_tiers]} must sum to 1")
         if self.method == "fedit" and set(self.ranks) != {self.max_rank}:
             raise ValueError(
                 f"method fedit is homogeneous: set ranks=[{self.max_rank}] (= max_rank) or pick a heterogeneous method"

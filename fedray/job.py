@@ -13,7 +13,11 @@ import numpy as np
 
 from fedray.config import Spec
 from fedray.data import DatasetSplit, TextDataset, load_dataset
-from fedray.models import ModelSpec
+from fedray.models import HEAD_MODULES, Base, ModelSpec, target_layers
+from fedray.ranks import MemoryModel, ResourceTier, assign_ranks
+
+#: Bytes of a trainable value (LoRA factors, head, their gradients and optimizer states: float32).
+TRAINABLE_BYTES = 4
 
 
 def dataset_split(spec: Spec) -> DatasetSplit:
@@ -37,6 +41,52 @@ def model_spec(spec: Spec, split: DatasetSplit) -> ModelSpec:
         seed=spec.seed,
         pooling=spec.pooling,
     )
+
+
+def memory_model(spec: Spec, base: Base) -> MemoryModel:
+    """What one client of ``spec`` holds in memory to train on ``base``, but for its rank."""
+    model = base.model
+    weights = list(model.parameters())
+    states = 2 if spec.train.optimizer == "adamw" else int(spec.train.momentum > 0)
+    head = spec.train.train_head and sum(
+        weight.numel() for name, weight in model.named_parameters() if name.split(".")[0] in HEAD_MODULES
+    )
+    return MemoryModel(
+        base_param_count=sum(weight.numel() for weight in weights),
+        shapes_per_layer=target_layers(model, base.target_modules),
+        batch_size=spec.train.batch_size,
+        seq_len=spec.train.max_seq_len,
+        hidden_size=model.config.hidden_size,
+        num_layers=model.config.num_hidden_layers,
+        base_bytes_per_param=weights[0].element_size(),
+        trainable_bytes_per_param=TRAINABLE_BYTES,
+        optimizer_states=states,
+        overhead_bytes=int(head) * TRAINABLE_BYTES * (2 + states),
+    )
+
+
+def client_ranks(spec: Spec, base: Base) -> list[int]:
+    """The rank of every client, fixed for the run: by ``rank_proportions``, or by memory with ``rank_tiers``."""
+    if spec.rank_tiers is None:
+        return assign_ranks(
+            spec.num_clients,
+            max_rank=spec.max_rank,
+            ranks=spec.ranks,
+            proportions=spec.rank_proportions,
+            seed=spec.seed,
+        )
+    tiers = [ResourceTier(tier.name, tier.memory_gb, tier.share) for tier in spec.rank_tiers]
+    try:
+        return assign_ranks(
+            spec.num_clients,
+            max_rank=spec.max_rank,
+            ranks=spec.ranks,
+            tiers=tiers,
+            memory_model=memory_model(spec, base),
+            seed=spec.seed,
+        )
+    except ValueError as error:
+        raise ValueError(f"rank_tiers: {error}") from None
 
 
 def eval_set(spec: Spec, split: DatasetSplit) -> TextDataset:

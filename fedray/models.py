@@ -184,8 +184,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV_VAR, DEFAULT_CACHE_DIR)).expanduser()
 
 
-#: Modules a classification model adds to its checkpoint: missing from it by design.
-NEW_HEAD_MODULES = ("classifier", "score")
+#: Module names that hold a sequence-classification head, as transformers names them: new
+#: on top of a pretrained checkpoint, so missing from it by design.
+HEAD_MODULES = ("classifier", "score")
 
 
 def _from_pretrained(model_class: type, source: str | Path, **kwargs: Any) -> torch.nn.Module:
@@ -201,7 +202,7 @@ def _from_pretrained(model_class: type, source: str | Path, **kwargs: Any) -> to
         model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
     finally:
         transformers_logging.set_verbosity(verbosity)
-    missing = [key for key in info.get("missing_keys", ()) if key.split(".")[0] not in NEW_HEAD_MODULES]
+    missing = [key for key in info.get("missing_keys", ()) if key.split(".")[0] not in HEAD_MODULES]
     if missing:
         warnings.warn(
             f"{source}: {len(missing)} weights of {model_class.__name__} are not in the checkpoint and start "

@@ -37,7 +37,6 @@ from fedray.client import head_state
 from fedray.config import Spec, SpecError, load_spec
 from fedray.data import create_partitioner
 from fedray.models import export_base, load_base, target_layers
-from fedray.ranks import assign_ranks
 from fedray.tasks import eval_task, train_task
 from fedray.tracking import Tracker, check_tracking_uri, default_tracking_uri
 
@@ -187,10 +186,10 @@ def prepare(spec: Spec) -> dict[str, Any]:
     split = job.dataset_split(spec)
     partitioner = create_partitioner(spec.partition, **({"seed": spec.seed} | spec.partition_options))
     partition = partitioner.partition(split.train, spec.num_clients)
-    client_ranks = assign_ranks(
-        spec.num_clients, max_rank=spec.max_rank, ranks=spec.ranks, proportions=spec.rank_proportions, seed=spec.seed
-    )
     base = load_base(job.model_spec(spec, split))
+    client_ranks = job.client_ranks(spec, base)
+    for stats, rank in zip(partition.stats, client_ranks, strict=True):
+        stats["rank"] = rank
     return {"split": split, "partition": partition, "ranks": client_ranks, "base": base}
 
 
