@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from sklearn.metrics import f1_score
 from transformers.pytorch_utils import Conv1D
 
 from fedray.config import Spec, TrainSpec
 from fedray.data import TextDataset, make_batches
 from fedray.methods import ClientInit, ClientUpdate
-from fedray.models import HEAD_MODULES, SharedBase, build_model, target_layers
+from fedray.models import HEAD_MODULES, SharedBase, build_model, lora_model, target_layers
 
 #: Prefix of the modules peft puts around the model.
 PEFT_PREFIX = "base_model.model."
@@ -198,7 +198,7 @@ class Workbench:
             lora_dropout=0.0,
             bias="none",
         )
-        peft_model = get_peft_model(self.model, config)
+        peft_model = lora_model(self.model, config)
         try:
             yield peft_model
         finally:

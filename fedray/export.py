@@ -29,12 +29,12 @@ from matplotlib import colormaps
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, TaskType
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from fedray.methods.lowrank import Fold, LowRank, svd
-from fedray.models import ModelSpec, load_base, target_layers
+from fedray.models import ModelSpec, load_base, lora_model, peft_quietly, target_layers
 
 #: Prefix of the modules peft puts around the model.
 PEFT_PREFIX = "base_model.model."
@@ -118,7 +118,7 @@ def export_adapter(
         bias="none",
         task_type=_task_type(base_model),
     )
-    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+    peft_model = lora_model(model, config, adapter_name=ADAPTER_NAME)
     _load_factors(peft_model, factors, scale)
     saved_config = peft_model.peft_config[ADAPTER_NAME]
     saved_config.base_model_name_or_path = source
@@ -144,7 +144,8 @@ def load_adapter(folder: str | Path) -> PeftModel:
             "PeftModel.from_pretrained(base, folder)."
         )
     base = load_base(ModelSpec(**json.loads(spec_file.read_text())))
-    return PeftModel.from_pretrained(base.model, str(folder)).eval()
+    with peft_quietly():
+        return PeftModel.from_pretrained(base.model, str(folder)).eval()
 
 
 def plot_module_similarity(

@@ -10,6 +10,7 @@ nothing may write into them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -17,13 +18,14 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import (
     AutoConfig,
@@ -210,6 +212,20 @@ def _from_pretrained(model_class: type, source: str | Path, **kwargs: Any) -> to
             stacklevel=3,
         )
     return model
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Silence the FutureWarning of peft probing transformers' deprecated ``is_gradient_checkpointing``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def lora_model(model: PreTrainedModel, config: LoraConfig, **kwargs: Any) -> PeftModel:
+    """``peft.get_peft_model``, quietly."""
+    with peft_quietly():
+        return get_peft_model(model, config, **kwargs)
 
 
 def load_base(spec: ModelSpec, cache_dir: str | Path | None = None) -> Base:
