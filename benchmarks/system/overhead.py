@@ -5,8 +5,11 @@ its client and evaluation tasks, aggregation actor, checkpoints and MLflow. Bare
 process and none of that; it calls fedray's client code directly, one client at a time:
 the same partition, ranks, sampled clients, method starts (``client_init``), seeds
 (``job.client_seed``), ``Workbench.train``, ``aggregate``, head averaging and evaluation.
-Each client task gets every core (``resources.num_cpus`` = cores), so fedray also trains
-one client at a time, with as many torch threads as the bare loop. Every round evaluates
+Each client task gets every core of the client work (``resources.num_cpus`` = that
+Ray's CPUs), so fedray also trains one client at a time, with as many torch threads as
+the bare loop. By default that is every core of the machine, so fedray's own processes
+(driver, aggregation actor, raylet, MLflow writes) compete with the client's threads;
+``--cores 1`` on 2 cores leaves them a core of their own. Every round evaluates
 on both sides (``eval.every=1``), so all measured rounds do the same work.
 
 Per round, the bare loop's time runs from sampling to the end of evaluation. fedray's
@@ -19,6 +22,7 @@ that they did the same work.
     .venv/bin/python benchmarks/system/overhead.py                 # quickstart, 6 rounds
     .venv/bin/python benchmarks/system/overhead.py --smoke         # tiny sizes, under a minute (CI)
     .venv/bin/python benchmarks/system/overhead.py rounds=8 method=hlora ranks=[2,4,8,16] --out overhead.md
+    .venv/bin/python benchmarks/system/overhead.py --cores 1       # clients on 1 core, 1 thread
 """
 
 from __future__ import annotations
@@ -241,6 +245,9 @@ def sides_table(bare: Side, fedray: Side) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help=f"spec overrides (key=value) on top of {SPEC_FILE}")
+    parser.add_argument(
+        "--cores", type=int, help="cores (torch threads, Ray CPUs) for the client work; default every core"
+    )
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -248,7 +255,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     report = start("overhead", argv, args.smoke)
-    cores = core_count()
+    cores = args.cores or core_count()
+    if not 1 <= cores <= core_count():
+        raise SystemExit(f"--cores {cores}: this machine has {core_count()}; give 1 to {core_count()}")
     overrides = [
         *COMMON_OVERRIDES,
         *(SMOKE_OVERRIDES if args.smoke else FULL_OVERRIDES),
