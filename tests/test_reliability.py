@@ -68,11 +68,10 @@ def _wait_for_round(run_dir: Path, round_index: int, process: subprocess.Popen) 
 
 
 @pytest.mark.parametrize("method", ["fedplora", "hlora"])
-def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(method, tmp_path, tracking_uri):
+def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(method, ray_session, tmp_path, tracking_uri):
     overrides = [*TINY, "rounds=2", f"method={method}", f"name=resume-{method}"]
-    whole = tmp_path / "whole"
-    subprocess.run(_cli("jobs/quickstart.yaml", *overrides, "--run-dir", str(whole), "--tracking-uri", tracking_uri),
-                   cwd=REPO, check=True, timeout=RUN_TIMEOUT_S, capture_output=True)  # fmt: skip
+    whole = tmp_path / "whole"  # the reference runs in this session's Ray; the killed run in a Ray of its own
+    run(load_spec("jobs/quickstart.yaml", overrides), run_dir=whole, tracking_uri=tracking_uri, progress=False)
 
     broken = tmp_path / "broken"
     command = _cli("jobs/quickstart.yaml", *overrides, "--run-dir", str(broken), "--tracking-uri", tracking_uri)
