@@ -313,9 +313,41 @@ def tables(results: dict[str, dict], cells: Sequence[Cell]) -> str:
         ("centralised LoRA r=16 on the pooled data", ("hlora", HLORA_SETTING, "central-r16")),
     ]
     lines += [f"| {name} | {cell_text(key)} |" for name, key in hlora_rows]
-    wall = sum(r["sitting_wall_s"] for r in results.values())
-    lines += ["", f"Cells done: {len(results)} of {len(cells)}; their wall time: {wall / 3600:.2f} h."]
+    lines += ["", *flatten_table(results)]
+    walls = [r["sitting_wall_s"] for r in results.values()]
+    # A resumed cell's sitting saw only its last rounds; its rounds' own times are all in its record.
+    cell_s = [r["round_s_mean"] * r["curve"][-1][0] for r in results.values()]
+    if walls:
+        lines += [
+            "",
+            f"Cells done: {len(results)} of {len(cells)}; the sittings' wall time: {sum(walls) / 3600:.2f} h. "
+            f"A cell's rounds took {min(cell_s):.0f} s at the fastest and {statistics.median(cell_s):.0f} s at the "
+            f"median (cells that ran beside other work are slower), so all {len(cells)} cells take "
+            f"{min(cell_s) * len(cells) / 3600:.1f} to {statistics.median(cell_s) * len(cells) / 3600:.1f} h "
+            "(a sitting adds about 2 s a cell).",
+        ]
     return "\n".join(lines)
+
+
+def flatten_table(results: dict[str, dict]) -> list[str]:
+    """Markdown: per setting, eval accuracy by round averaged over its finished cells (do the curves flatten?)."""
+    curves: dict[str, list[dict[int, float]]] = {}
+    for record in results.values():
+        if record["table"] != "hlora":
+            curves.setdefault(record["setting"], []).append(dict(map(tuple, record["curve"])))
+    if not curves:
+        return []
+    rounds = sorted({r for per_setting in curves.values() for curve in per_setting for r in curve})
+    lines = [
+        "#### Mean eval accuracy by round (all variants and seeds finished): do the curves flatten?",
+        "",
+        "| setting | cells | " + " | ".join(f"r{r}" for r in rounds) + " |",
+        "|---|---:" + "|---:" * len(rounds) + "|",
+    ]
+    for setting in (s for s in SETTINGS if s in curves):
+        means = [statistics.fmean(c[r] for c in curves[setting] if r in c) for r in rounds]
+        lines.append(f"| {setting} | {len(curves[setting])} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    return lines
 
 
 def write_tables(markdown: str, path: Path) -> None:
