@@ -48,15 +48,21 @@ def test_every_cell_is_a_valid_spec_with_a_unique_id(sweep):
 
 def test_results_survive_a_torn_line_and_tables_count_seeds(sweep, tmp_path):
     results_file = tmp_path / "results.jsonl"
+    common = {"table": "primary", "setting": "rt-iid", "variant": "fedplora"}
     rows = [
-        {"cell": "rt-iid/fedplora/s0", "final_accuracy": 0.7, "sitting_wall_s": 60.0},
-        {"cell": "rt-iid/fedplora/s1", "final_accuracy": 0.8, "sitting_wall_s": 60.0},
-    ]
+        {**common, "cell": "rt-iid/fedplora/s0", "final_accuracy": 0.7, "curve": [[2, 0.6], [4, 0.7]],
+         "round_s_mean": 10.0, "sitting_wall_s": 41.0},
+        {**common, "cell": "rt-iid/fedplora/s1", "final_accuracy": 0.8, "curve": [[2, 0.5], [4, 0.8]],
+         "round_s_mean": 20.0, "sitting_wall_s": 9.0},  # resumed at its last round
+    ]  # fmt: skip
     results_file.write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"cell": "rt-iid/hl')
     results = sweep.read_results(results_file)
     assert set(results) == {"rt-iid/fedplora/s0", "rt-iid/fedplora/s1"}
     markdown = sweep.tables(results, sweep.all_cells())
     assert "| fedplora | 0.750 ± 0.071 (n=2/3) | - | - |" in markdown
+    assert "| rt-iid | 2 | 0.550 | 0.750 |" in markdown  # the mean curve
+    # Cell times come from the rounds (4 x 10 s, 4 x 20 s), not the resumed sitting's 9 s.
+    assert "took 40 s at the fastest and 60 s at the median" in markdown
 
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text(f"intro\n{sweep.TABLE_BEGIN}\nold\n{sweep.TABLE_END}\noutro\n")
