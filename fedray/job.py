@@ -48,8 +48,10 @@ def memory_model(spec: Spec, base: Base) -> MemoryModel:
     model = base.model
     weights = list(model.parameters())
     states = 2 if spec.train.optimizer == "adamw" else int(spec.train.momentum > 0)
-    head = spec.train.train_head and sum(
-        weight.numel() for name, weight in model.named_parameters() if name.split(".")[0] in HEAD_MODULES
+    head_values = (
+        sum(weight.numel() for name, weight in model.named_parameters() if name.split(".")[0] in HEAD_MODULES)
+        if spec.train.train_head
+        else 0
     )
     return MemoryModel(
         base_param_count=sum(weight.numel() for weight in weights),
@@ -61,7 +63,7 @@ def memory_model(spec: Spec, base: Base) -> MemoryModel:
         base_bytes_per_param=weights[0].element_size(),
         trainable_bytes_per_param=TRAINABLE_BYTES,
         optimizer_states=states,
-        overhead_bytes=int(head) * TRAINABLE_BYTES * (2 + states),
+        overhead_bytes=head_values * TRAINABLE_BYTES * (2 + states),
     )
 
 
