@@ -182,11 +182,16 @@ def test_too_few_survivors_stop_with_a_valid_checkpoint(ray_session, tmp_path, t
     assert norm <= 1e-3 * (1 + 1e-4)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_marks_the_run_killed_and_resume_finishes_it(tmp_path, tracking_uri):
     run_dir = tmp_path / "run"
     command = _cli("jobs/quickstart.yaml", *TINY, "rounds=3", "name=interrupted", "--run-dir", str(run_dir),
                    "--tracking-uri", tracking_uri)  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    # A shell that starts the suite in the background leaves SIGINT ignored, and children inherit that.
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     _wait_for_round(run_dir, 0, process)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == 130
