@@ -11,9 +11,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from fedray.client import head_state
 from fedray.config import Spec
 from fedray.data import DatasetSplit, TextDataset, load_dataset
-from fedray.models import HEAD_MODULES, Base, ModelSpec, target_layers
+from fedray.models import Base, ModelSpec, target_layers
 from fedray.ranks import MemoryModel, ResourceTier, assign_ranks
 
 #: Bytes of a trainable value (LoRA factors, head, their gradients and optimizer states: float32).
@@ -48,11 +49,7 @@ def memory_model(spec: Spec, base: Base) -> MemoryModel:
     model = base.model
     weights = list(model.parameters())
     states = 2 if spec.train.optimizer == "adamw" else int(spec.train.momentum > 0)
-    head_values = (
-        sum(weight.numel() for name, weight in model.named_parameters() if name.split(".")[0] in HEAD_MODULES)
-        if spec.train.train_head
-        else 0
-    )
+    head_values = sum(weight.numel() for weight in head_state(model).values()) if spec.train.train_head else 0
     return MemoryModel(
         base_param_count=sum(weight.numel() for weight in weights),
         shapes_per_layer=target_layers(model, base.target_modules),
