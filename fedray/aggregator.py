@@ -47,6 +47,8 @@ class _RoundLog:
     head_sum: dict[str, torch.Tensor] | None = None
     #: Fed-PLoRA, last round: per client, {module j: its trained factors, flattened}.
     modules: list[dict[int, torch.Tensor]] = field(default_factory=list)
+    #: HETLoRA with self-pruning: how many clients pruned their tail (None: not asked to).
+    pruned: int | None = None
 
 
 @ray.remote(num_cpus=0)
@@ -150,7 +152,8 @@ class Aggregator:
             self.last_modules = log.modules
         self._client_seconds = log.client_seconds
         self.inits.clear()
-        return {
+        pruned = {} if log.pruned is None else {"clients_pruned": float(log.pruned)}
+        return pruned | {
             "train_loss": log.weighted_loss / log.examples,
             "init_noise": stats.init_noise,
             "init_noise_rel": stats.init_noise_rel,
@@ -212,6 +215,8 @@ class Aggregator:
         log.client_seconds.append(result.metrics["seconds"])
         log.weighted_loss += result.metrics["train_loss"] * n
         log.examples += n
+        if "pruned" in result.metrics:
+            log.pruned = (log.pruned or 0) + int(result.metrics["pruned"])
         if result.head is not None:
             if log.head_sum is None:
                 log.head_sum = {name: torch.zeros_like(value) for name, value in result.head.items()}

@@ -126,11 +126,15 @@ class Workbench:
             losses = []
             steps = _num_steps(settings, len(shard))
             peft_model.train()
+            penalty = init.tail_penalty
             for batch in _cycle(self.tokenizer, shard, settings, seed, steps):
                 batch = {key: value.to(self.device) for key, value in batch.items()}
                 loss = peft_model(**batch).loss
+                objective = loss
+                if penalty is not None:
+                    objective = loss + penalty.weight * tail_norm(lora, penalty.keep, init.scale)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                objective.backward()
                 if settings.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
                 optimizer.step()
@@ -139,7 +143,17 @@ class Workbench:
             B = {layer: pair[0].detach().cpu().clone() for layer, pair in lora.items()}
             A = {layer: pair[1].detach().cpu().clone() for layer, pair in lora.items()}
             trained_head = {name: p.detach().cpu().clone() for name, p in head_params.items()} or None
-        update = ClientUpdate(init.client_id, init.rank, len(shard), B, A)
+        rank, pruned = init.rank, None
+        if penalty is not None:
+            pairs = {layer: (B[layer], A[layer]) for layer in B}
+            start = {layer: (init.B[layer], init.A[layer]) for layer in B}
+            with torch.no_grad():
+                pruned = bool(tail_norm(pairs, penalty.keep, init.scale) < tail_norm(start, penalty.keep, init.scale))
+            if pruned:  # HETLoRA self-pruning: send only the leading components
+                B = {layer: B[layer][:, : penalty.keep.get(layer, B[layer].shape[1])] for layer in B}
+                A = {layer: A[layer][: penalty.keep.get(layer, A[layer].shape[0])] for layer in A}
+                rank = init.pruned_ranks()
+        update = ClientUpdate(init.client_id, rank, len(shard), B, A)
         metrics = {
             "train_loss": float(np.mean(losses)),
             "train_loss_last": losses[-1],
@@ -148,6 +162,8 @@ class Workbench:
             "seconds": time.perf_counter() - started,
             "peak_memory_bytes": float(_peak_memory_bytes(self.device)),
         }
+        if pruned is not None:
+            metrics["pruned"] = float(pruned)
         return ClientResult(update, trained_head, metrics)
 
     @contextmanager
@@ -296,6 +312,20 @@ def train_client(
 ) -> ClientResult:
     """One client's round: start from ``init``, train on ``shard``, return factors + metrics."""
     return bench.train(init, shard, spec, head=head, seed=seed)
+
+
+def tail_norm(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], keep: Mapping[str, int], scale: float):
+    """HETLoRA's self-pruning regulariser: ``sum_l ||scale * B_l[:, keep_l:] @ A_l[keep_l:]||_F``.
+
+    Computed from the small Gram matrices, ``||BA||_F^2 = sum((B^T B) * (A A^T))``, so it
+    costs O((d + k) r^2) per layer instead of a d x k product; differentiable everywhere.
+    """
+    total = 0.0
+    for layer, start in keep.items():
+        B, A = factors[layer][0][:, start:], factors[layer][1][start:]
+        square = ((B.T @ B) * (A @ A.T)).sum()
+        total = total + torch.sqrt(square.clamp(min=0.0) + 1e-12)
+    return scale * total
 
 
 def _optimizer(settings: TrainSpec, factors: list, head: list) -> torch.optim.Optimizer:

@@ -141,3 +141,21 @@ def test_smollm2_trains_and_scores_titles(smollm2):
     method.aggregate([result.update])
     metrics = bench.evaluate(method.global_delta(), split.test.subset(np.arange(4)), spec)
     assert 0.0 <= metrics["eval_rougeL"] <= 1.0 and np.isfinite(metrics["eval_loss"])
+
+
+def test_hetlora_client_prunes_a_tail_the_regulariser_shrank(bench, split):
+    spec = _spec(local_steps=4, lr=5e-3)
+    shard = split.train.subset(np.arange(64))
+    method = create_method("hetlora", bench.layers, 4, scale=SCALE, seed=0, prune_weight=50.0, prune_gamma=0.5)
+    # Round 0 starts from B = 0: the tail cannot shrink below zero, so nobody prunes.
+    fresh = train_client(bench, method.client_init(0, 4), shard, spec, seed=0)
+    assert fresh.metrics["pruned"] == 0.0 and fresh.update.rank == 4
+    method.aggregate([fresh.update])
+    # Now the global tail is not zero; a strong regulariser shrinks it and the client prunes.
+    init = method.client_init(1, 4)
+    result = train_client(bench, init, shard, spec, seed=0)
+    assert result.metrics["pruned"] == 1.0
+    assert result.update.rank == dict.fromkeys(bench.layers, 2)
+    assert all(B.shape[1] == 2 for B in result.update.B.values())
+    method.aggregate([result.update])
+    assert method.pruned_ranks == {1: dict.fromkeys(bench.layers, 2)}

@@ -489,3 +489,89 @@ def test_hetlora_revives_components_no_client_covered():
     # Zero-padding emptied components 1..3; they restart as fresh LoRA (B = 0, A random).
     assert torch.equal(wide.B["q"][:, 1:], torch.zeros(6, 3))
     assert (wide.A["q"][1:].abs() > 0).all()
+
+
+def _prune(init):
+    """A client that pruned its tail: its start, cut to the kept components, plus noise."""
+    B, A = perturbed(init, torch.Generator().manual_seed(7))
+    keep = init.tail_penalty.keep
+    return ClientUpdate(
+        init.client_id,
+        init.pruned_ranks(),
+        3,
+        {layer: B[layer][:, : keep[layer]] for layer in B},
+        {layer: A[layer][: keep[layer]] for layer in A},
+    )
+
+
+def test_hetlora_self_pruning_shrinks_the_client_and_survives_a_checkpoint(tmp_path):
+    method = create_method("hetlora", SHAPES, 6, scale=SCALE, seed=0, prune_weight=0.1, prune_gamma=0.5)
+    pruner, keeper, smallest = method.client_init(0, 4), method.client_init(1, 6), method.client_init(2, 1)
+    assert pruner.tail_penalty.weight == 0.1 and dict(pruner.tail_penalty.keep) == {"q": 2, "v": 2}
+    assert dict(keeper.tail_penalty.keep) == {"q": 3, "v": 3}
+    assert smallest.tail_penalty is None  # rank 1 has no tail to prune
+    pruned = _prune(pruner)
+    kept = ClientUpdate(1, 6, 5, *perturbed(keeper, torch.Generator().manual_seed(8)))
+    small = ClientUpdate(2, 1, 2, *perturbed(smallest, torch.Generator().manual_seed(9)))
+    method.aggregate([pruned, kept, small])
+
+    # The pruned client counts as a rank-2 client zero-padded to R, weighted by its norm.
+    updates = [pruned, kept, small]
+    for layer, (d, k) in SHAPES.items():
+        weights = [float(torch.linalg.matrix_norm(SCALE * u.B[layer] @ u.A[layer])) for u in updates]
+        B = sum(
+            w * torch.cat([u.B[layer], torch.zeros(d, 6 - u.B[layer].shape[1])], 1) for w, u in zip(weights, updates)
+        )
+        A = sum(
+            w * torch.cat([u.A[layer], torch.zeros(6 - u.A[layer].shape[0], k)], 0) for w, u in zip(weights, updates)
+        )
+        expected = SCALE * (B / sum(weights)) @ (A / sum(weights))
+        torch.testing.assert_close(method.global_delta()[layer], expected, atol=1e-5, rtol=1e-5)
+
+    assert method.pruned_ranks == {0: {"q": 2, "v": 2}}
+    save_state(method, tmp_path / "state.safetensors")
+    restored = load_state(tmp_path / "state.safetensors")
+    assert restored.pruned_ranks == {0: {"q": 2, "v": 2}}
+    # From now on client 0 trains at rank 2, whatever it asks for, and may prune to 1.
+    again = restored.client_init(0, 4)
+    assert again.rank == {"q": 2, "v": 2} and again.B["q"].shape == (12, 2)
+    assert dict(again.tail_penalty.keep) == {"q": 1, "v": 1}
+    assert restored.client_init(1, 6).B["q"].shape == (12, 6)
+
+
+def test_hetlora_rejects_a_rank_the_client_was_not_offered():
+    method = create_method("hetlora", SHAPES, 6, prune_weight=0.1, prune_gamma=0.5)
+    init = method.client_init(0, 4)
+    B, A = perturbed(init, torch.Generator())
+    cut = ClientUpdate(0, 3, 1, {k: v[:, :3] for k, v in B.items()}, {k: v[:3] for k, v in A.items()})
+    with pytest.raises(ValueError, match=r"initialised at \{'q': 4, 'v': 4\} \(or \{'q': 2, 'v': 2\} if pruned\)"):
+        method.aggregate([cut])
+    # Without self-pruning, a smaller update is refused outright.
+    plain = create_method("hetlora", SHAPES, 6)
+    init = plain.client_init(0, 4)
+    assert init.tail_penalty is None
+    with pytest.raises(ValueError, match=r"initialised at \{'q': 4, 'v': 4\}$"):
+        plain.aggregate([ClientUpdate(0, 2, 1, {k: v[:, :2] for k, v in B.items()}, {k: v[:2] for k, v in A.items()})])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"prune_weight": -0.1}, "prune_weight must be a finite number >= 0"),
+        ({"prune_weight": float("nan")}, "prune_weight must be a finite number >= 0"),
+        ({"prune_gamma": 1.0}, r"prune_gamma must be a number in \(0, 1\)"),
+        ({"prune_gamma": 0}, r"prune_gamma must be a number in \(0, 1\)"),
+    ],
+)
+def test_hetlora_pruning_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        create_method("hetlora", SHAPES, 4, **options)
+
+
+def test_a_state_saved_before_an_option_existed_loads_with_its_default():
+    method = create_method("hetlora", SHAPES, 4, seed=0)
+    state = method.state_dict()
+    state["meta"]["options"] = {"weighting": "norm"}  # as saved before self-pruning
+    create_method("hetlora", SHAPES, 4, seed=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved state has options="):
+        create_method("hetlora", SHAPES, 4, seed=0, prune_weight=0.5).load_state_dict(state)

@@ -80,7 +80,9 @@ def test_a_run_of_each_method(method, ray_session, tracking_uri, tmp_path, monke
         return ref
 
     monkeypatch.setattr(ray, "put", counting_put)
-    spec = tiny_spec(method)
+    # HETLoRA runs with its rank self-pruning on, so a real run exercises it too.
+    pruning = ["method_options.prune_weight=50", "method_options.prune_gamma=0.5"] if method == "hetlora" else []
+    spec = tiny_spec(method, *pruning)
     summary = run(spec, run_dir=tmp_path / "run", tracking_uri=tracking_uri, progress=False)
 
     # MLflow: params, tags and every metric for every round.
@@ -100,6 +102,11 @@ def test_a_run_of_each_method(method, ray_session, tracking_uri, tmp_path, monke
         assert history["init_noise"] == [0.0, 0.0]
     if method in ("flora", "flexlora", "hlora"):
         assert history["agg_noise"] == [0.0, 0.0]
+    if method == "hetlora":
+        pruned = {m.step: m.value for m in client.get_metric_history(summary.run_id, "clients_pruned")}
+        # Logged every round; round 0 starts from B = 0, a tail that cannot shrink (the
+        # pruning itself is tested in test_client.py).
+        assert sorted(pruned) == [0, 1] and pruned[0] == 0.0
 
     # The run directory a user takes away.
     run_dir = summary.run_dir

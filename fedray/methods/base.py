@@ -9,6 +9,7 @@ Notation follows shared/METHODS.md: ``dW = scale * B @ A``, B is d x r, A is r x
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -50,6 +51,20 @@ class ClientUpdate:
 
 
 @dataclass(frozen=True)
+class TailPenalty:
+    """HETLoRA's rank self-pruning, asked of one client (shared/METHODS.md).
+
+    The client adds ``weight * sum over layers of ||scale * B[:, keep:] @ A[keep:]||_F``
+    to its loss. If training shrinks that tail below its size at the start, the client
+    prunes it: it returns only the leading ``keep`` components of every layer listed.
+    """
+
+    weight: float
+    #: Per layer with a tail, how many leading components the client keeps if it prunes.
+    keep: Mapping[str, int]
+
+
+@dataclass(frozen=True)
 class ClientInit:
     """A client's start for one round: trainable factors plus a fold for its frozen weights.
 
@@ -65,6 +80,15 @@ class ClientInit:
     fold: Mapping[str, Fold] = field(default_factory=dict)
     #: Fed-PLoRA: per layer, the global module index of each trained column of B / row of A.
     modules: Mapping[str, Tensor] | None = None
+    #: HETLoRA with self-pruning: the regulariser on the tail components.
+    tail_penalty: TailPenalty | None = None
+
+    def pruned_ranks(self) -> dict[str, int] | None:
+        """Per layer, the rank of this client's update if it prunes its tail (else None)."""
+        if self.tail_penalty is None:
+            return None
+        ranks = {layer: B.shape[1] for layer, B in self.B.items()}
+        return ranks | dict(self.tail_penalty.keep)
 
     def fold_delta(self) -> dict[str, Tensor]:
         """The dense folded delta of every layer that has one."""
@@ -108,6 +132,8 @@ class Handout:
     nbytes: int
     #: Per layer, the global module indices the client trains (Fed-PLoRA only).
     modules: Mapping[str, Tensor] | None = None
+    #: The update's ranks if the client prunes its tail (HETLoRA self-pruning only).
+    pruned_ranks: dict[str, int] | None = None
 
 
 def relative(value: float, reference: float) -> float:
@@ -167,9 +193,12 @@ class Method(ABC):
         """Hand ``client_id`` its start for this round at ``rank``."""
         if client_id in self._handouts:
             raise ValueError(f"client {client_id!r} was already given client_init this round")
-        ranks = self._layer_ranks(rank, f"client {client_id!r}")
+        requested = self._layer_ranks(rank, f"client {client_id!r}")
+        ranks = self._start_ranks(client_id, requested)
+        if ranks != requested:  # a HETLoRA client that pruned itself earlier trains smaller
+            rank = ranks
         init, init_noise_sq = self._make_init(client_id, rank, ranks)
-        self._handouts[client_id] = Handout(ranks, init_noise_sq, init.nbytes(), init.modules)
+        self._handouts[client_id] = Handout(ranks, init_noise_sq, init.nbytes(), init.modules, init.pruned_ranks())
         return init
 
     def validate(self, update: ClientUpdate) -> None:
@@ -181,8 +210,9 @@ class Method(ABC):
         if isinstance(update.num_examples, bool) or not isinstance(update.num_examples, int) or update.num_examples < 1:
             raise ValueError(f"{who}: num_examples must be a positive integer, got {update.num_examples!r}")
         ranks = self._layer_ranks(update.rank, who)
-        if ranks != handout.ranks:
-            raise ValueError(f"{who}: update has rank {update.rank!r}, but was initialised at {handout.ranks}")
+        if ranks != handout.ranks and ranks != handout.pruned_ranks:
+            expected = f"{handout.ranks}" + (f" (or {handout.pruned_ranks} if pruned)" if handout.pruned_ranks else "")
+            raise ValueError(f"{who}: update has rank {update.rank!r}, but was initialised at {expected}")
         expected = set(self.shapes)
         for name, factors in (("B", update.B), ("A", update.A)):
             if set(factors) != expected:
@@ -275,8 +305,10 @@ class Method(ABC):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a ``state_dict`` of the same method, shapes and settings."""
-        meta = state["meta"]
+        meta = dict(state["meta"])
         mine = self.state_dict()["meta"]
+        # A state saved before an option existed had that option's default.
+        meta["options"] = self._option_defaults() | meta["options"]
         for key in ("method", "shapes", "max_rank", "scale", "options"):
             if meta[key] != mine[key]:
                 raise ValueError(f"saved state has {key}={meta[key]!r}, this method has {mine[key]!r}")
@@ -293,6 +325,14 @@ class Method(ABC):
         self.last_round = None
 
     # ------------------------------------------------------------ subclass hooks
+
+    def _option_defaults(self) -> dict[str, Any]:
+        parameters = inspect.signature(type(self).__init__).parameters
+        return {key: parameters[key].default for key in self.options}
+
+    def _start_ranks(self, client_id: ClientId, ranks: dict[str, int]) -> dict[str, int]:
+        """The ranks ``client_id`` trains at this round; a method that lets clients shrink overrides it."""
+        return ranks
 
     @abstractmethod
     def _layer_global(self, layer: str) -> Fold:

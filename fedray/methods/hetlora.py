@@ -3,17 +3,35 @@
 The server zero-pads each client's factors to rank R and averages them. By default the
 clients are weighted by the Frobenius norm of their update ``||scale * B_i @ A_i||``
 (the paper's sparsity-weighted aggregation), per layer; ``weighting="data"`` weights by
-number of examples instead. The rank self-pruning regulariser belongs to local training.
+number of examples instead.
+
+Rank self-pruning (off unless ``prune_weight > 0``): a client of rank r is asked to
+penalise its tail, the components after the leading ``keep = floor(prune_gamma * r)``
+(at least one kept, at least one in the tail), with ``prune_weight * ||tail product||_F``
+in its loss. If its tail ends the round smaller than the global tail it started from,
+it returns only the leading ``keep`` components and trains at that rank from then on.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedray.methods.base import AdapterMethod, ClientAverage, ClientId, ClientInit, ClientUpdate, Handout, Rank
+from fedray.methods.base import (
+    AdapterMethod,
+    ClientAverage,
+    ClientId,
+    ClientInit,
+    ClientUpdate,
+    Handout,
+    Rank,
+    TailPenalty,
+)
 from fedray.methods.lowrank import LowRank, fro_norm
 
 WEIGHTINGS = ("norm", "data")
@@ -28,23 +46,68 @@ class _Sums:
     B_data: dict[str, Tensor]
     A_data: dict[str, Tensor]
     clients: ClientAverage
+    #: Clients that pruned their tail this round: their new ranks, kept at commit.
+    pruned: dict[ClientId, dict[str, int]]
 
 
 class HETLoRA(AdapterMethod):
     name = "hetlora"
 
-    def __init__(self, shapes, max_rank, *, scale=1.0, seed=0, weighting: str = "norm") -> None:
+    def __init__(
+        self,
+        shapes,
+        max_rank,
+        *,
+        scale=1.0,
+        seed=0,
+        weighting: str = "norm",
+        prune_weight: float = 0.0,
+        prune_gamma: float = 0.9,
+    ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"hetlora option weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if not (isinstance(prune_weight, int | float) and math.isfinite(prune_weight) and prune_weight >= 0):
+            raise ValueError(f"hetlora option prune_weight must be a finite number >= 0 (0: off), got {prune_weight!r}")
+        if not (isinstance(prune_gamma, int | float) and 0 < prune_gamma < 1):
+            raise ValueError(f"hetlora option prune_gamma must be a number in (0, 1), got {prune_gamma!r}")
         super().__init__(shapes, max_rank, scale=scale, seed=seed)
         #: "norm": weight clients by the size of their update (the paper's); "data": by examples.
         self.weighting = weighting
+        self.prune_weight = float(prune_weight)
+        self.prune_gamma = float(prune_gamma)
+        #: Clients that pruned themselves: the per-layer ranks they train at from now on.
+        self._pruned: dict[ClientId, dict[str, int]] = {}
 
     @property
     def options(self) -> dict:
-        return {"weighting": self.weighting}
+        return {"weighting": self.weighting, "prune_weight": self.prune_weight, "prune_gamma": self.prune_gamma}
+
+    @property
+    def pruned_ranks(self) -> dict[ClientId, dict[str, int]]:
+        """Per client that pruned its rank, the per-layer ranks it trains at now."""
+        return {client: dict(ranks) for client, ranks in self._pruned.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["meta"]["pruned"] = [[client, ranks] for client, ranks in self._pruned.items()]
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._pruned = {client: dict(ranks) for client, ranks in state["meta"].get("pruned", [])}
+
+    def _start_ranks(self, client_id: ClientId, ranks: dict[str, int]) -> dict[str, int]:
+        pruned = self._pruned.get(client_id, {})
+        return {layer: min(r, pruned.get(layer, r)) for layer, r in ranks.items()}
+
+    def _keep(self, rank: int) -> int:
+        return min(rank - 1, max(1, math.floor(self.prune_gamma * rank)))
 
     def _make_init(self, client_id: ClientId, rank: Rank, ranks: dict[str, int]):
+        penalty = None
+        if self.prune_weight > 0:
+            keep = {layer: self._keep(r) for layer, r in ranks.items() if r > 1}
+            penalty = TailPenalty(self.prune_weight, keep) if keep else None
         B, A = {}, {}
         noise_sq = 0.0
         for layer, r in ranks.items():
@@ -52,7 +115,7 @@ class HETLoRA(AdapterMethod):
             A[layer] = self._A[layer][:r].clone()
             # The truncated tail is exactly what the client's start is missing.
             noise_sq += fro_norm(LowRank(self.scale * self._B[layer][:, r:], self._A[layer][r:])) ** 2
-        return ClientInit(client_id, rank, self.scale, B, A), noise_sq
+        return ClientInit(client_id, rank, self.scale, B, A, tail_penalty=penalty), noise_sq
 
     def _new_accumulator(self) -> _Sums:
         def zeros(factors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -65,11 +128,15 @@ class HETLoRA(AdapterMethod):
             B_data=zeros(self._B),
             A_data=zeros(self._A),
             clients=ClientAverage(self.shapes),
+            pruned={},
         )
 
     def _accumulate(self, sums: _Sums, update: ClientUpdate, handout: Handout) -> None:
         n = update.num_examples
-        for layer, r in handout.ranks.items():
+        ranks = {layer: B.shape[1] for layer, B in update.B.items()}
+        if ranks != handout.ranks:  # validated: the client pruned its tail
+            sums.pruned[update.client_id] = ranks
+        for layer, r in ranks.items():
             B, A = update.B[layer], update.A[layer]
             if self.weighting == "norm":
                 weight = fro_norm(LowRank(self.scale * B, A))
@@ -93,6 +160,7 @@ class HETLoRA(AdapterMethod):
                 self._B[layer] = sums.B_data[layer] / total_examples
                 self._A[layer] = sums.A_data[layer] / total_examples
             self._revive_empty_components(layer)
+        self._pruned.update(sums.pruned)
         return sums.clients.noise_sq(self._global_folds(), total_examples)
 
     def _revive_empty_components(self, layer: str) -> None:
