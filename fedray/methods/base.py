@@ -326,10 +326,6 @@ class Method(ABC):
 
     # ------------------------------------------------------------ subclass hooks
 
-    def _option_defaults(self) -> dict[str, Any]:
-        parameters = inspect.signature(type(self).__init__).parameters
-        return {key: parameters[key].default for key in self.options}
-
     def _start_ranks(self, client_id: ClientId, ranks: dict[str, int]) -> dict[str, int]:
         """The ranks ``client_id`` trains at this round; a method that lets clients shrink overrides it."""
         return ranks
@@ -379,6 +375,11 @@ class Method(ABC):
                     f"{who}: rank {r!r} for layer {layer!r} must be an integer in [1, max_rank={self.max_rank}]"
                 )
         return ranks
+
+    def _option_defaults(self) -> dict[str, Any]:
+        """The default of each option, as ``__init__`` declares it."""
+        parameters = inspect.signature(type(self).__init__).parameters
+        return {key: parameters[key].default for key in self.options}
 
     def _global_norm(self) -> float:
         if self._global_norm_cache is None:
