@@ -27,17 +27,26 @@ def sweep():
 def test_every_cell_is_a_valid_spec_with_a_unique_id(sweep):
     cells = sweep.all_cells()
     assert len({cell.id for cell in cells}) == len(cells)
-    # 3 Rotten Tomatoes partitions x 7 variants x 3 seeds, BBC x 7 x 1, the HLoRA table's 3 extra rows x 3 seeds.
-    assert len(cells) == 3 * 7 * 3 + 7 + 3 * 3
+    # 3 Rotten Tomatoes partitions x 7 variants x 3 seeds, BBC x 7 x 1, the HLoRA table's 3 extra rows x 3 seeds,
+    # the participation table's 3 rows x 2 seeds.
+    assert len(cells) == 3 * 7 * 3 + 7 + 3 * 3 + 3 * 2
     for cell in cells:
         spec = load_spec(sweep.SETTING_FILE, cell.spec_overrides())
         assert spec.num_clients in (50, 1) and spec.label == cell.variant and spec.seed == cell.seed
+        assert spec.sampled_clients == (10 if cell.table == "participation" else 5 if spec.num_clients == 50 else 1)
         if cell.variant in ("fedit-r16", "central-r16"):
             assert (spec.method, spec.ranks, spec.max_rank) == ("fedit", [16], 16)
         if cell.variant == "fedit-r2":
             assert (spec.method, spec.ranks, spec.max_rank) == ("fedit", [2], 2)
         if cell.variant in sweep.HETEROGENEOUS:
             assert spec.ranks == [2, 4, 8, 16]
+    # A participation cell differs from its main-table partner of the same seed in the clients sampled only.
+    by_id = {cell.id: cell for cell in cells}
+    for cell in (c for c in cells if c.table == "participation"):
+        partner = by_id[f"{cell.setting}/{cell.variant.removesuffix('-10')}/s{cell.seed}"]
+        ten, five = (load_spec(sweep.SETTING_FILE, c.spec_overrides()) for c in (cell, partner))
+        same_run_apart_from = {"clients_per_round": five.clients_per_round, "label": five.label, "name": five.name}
+        assert ten.model_copy(update=same_run_apart_from) == five
     central = next(cell for cell in cells if cell.variant == "central-r16")
     federated = next(cell for cell in cells if cell.variant == "fedplora")
     central_spec = load_spec(sweep.SETTING_FILE, central.spec_overrides())
