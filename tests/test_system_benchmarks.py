@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "benchmarks" / "system"
 #: Seconds a smoke run may take here. Each takes under a minute on 2 idle cores; other
@@ -103,7 +105,14 @@ def test_memory_counts_the_shared_base_once(tmp_path):
 def test_overhead_compares_the_same_work(tmp_path):
     results = run_smoke("overhead", tmp_path)
     assert results["same_work"] is True and results["train_loss_max_rel_diff"] < 1e-3
-    assert len(results["bare"]["rounds"]) == len(results["fedray"]["rounds"]) == 2
-    assert results["fedray"]["rounds"][0]["wall_s"] is None and results["fedray"]["rounds"][1]["wall_s"] > 0
-    assert results["fedray"]["max_builds"] == 1
+    (pair,) = results["pairs"]  # the smoke run is one pair
+    assert len(pair["bare"]["rounds"]) == len(pair["fedray"]["rounds"]) == 2
+    assert pair["fedray"]["rounds"][0]["wall_s"] is None and pair["fedray"]["rounds"][1]["wall_s"] > 0
+    assert all(side["rounds"][1]["client_s_p50"] > 0 for side in pair.values())
+    assert pair["fedray"]["max_builds"] == 1
+    fedray_s, bare_s = (
+        sum(r["wall_s"] or r["round_s"] for r in side["rounds"][1:]) for side in (pair["fedray"], pair["bare"])
+    )
+    assert results["ratio_per_pair"] == [pytest.approx(fedray_s / bare_s)]
+    assert results["ratio_wall"] == pytest.approx(fedray_s / bare_s)
     assert results["ratio_wall"] > 0 and results["target_ratio"] == 1.1

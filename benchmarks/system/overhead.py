@@ -17,9 +17,11 @@ Per round, the bare loop's time runs from sampling to the end of evaluation. fed
 MLflow records of consecutive rounds, so it also holds the checkpoint and the MLflow
 logging. Round 0 (worker start-up, first model build) is reported apart and left out of
 the ratio. The two sides' train losses per round are compared too: equal losses show
-that they did the same work.
+that they did the same work. The machine's speed drifts over minutes (a shared 2-core
+host), so the measurement is several pairs of runs, each the bare loop and then fedray:
+each pair gives a ratio, and the headline is all fedray time over all bare time.
 
-    .venv/bin/python benchmarks/system/overhead.py                 # quickstart, 6 rounds
+    .venv/bin/python benchmarks/system/overhead.py                 # quickstart, 6 rounds, 3 pairs of runs
     .venv/bin/python benchmarks/system/overhead.py --smoke         # tiny sizes, under a minute (CI)
     .venv/bin/python benchmarks/system/overhead.py rounds=8 method=hlora ranks=[2,4,8,16] --out overhead.md
     .venv/bin/python benchmarks/system/overhead.py --cores 1       # clients on 1 core, 1 thread
@@ -62,6 +64,8 @@ TARGET_OVERHEAD = 0.10
 #: Every round evaluates, on both sides, so that every measured round does the same work.
 COMMON_OVERRIDES = ("name=bench-overhead", "eval.every=1")
 FULL_OVERRIDES = ("rounds=6", "eval.max_examples=200")
+#: Bare-then-fedray pairs: on a shared 2-core machine one side's run alone can be 30 % slow or fast.
+FULL_PAIRS = 3
 SMOKE_OVERRIDES = (
     "rounds=2",
     "num_clients=4",
@@ -86,6 +90,8 @@ class RoundTiming:
     round_s: float
     train_loss: float
     eval_metric: float
+    #: Median of the round's clients' training times, timed inside ``Workbench.train`` on both sides.
+    client_s_p50: float
     #: fedray only: time between the MLflow records of this round and the one before.
     wall_s: float | None = None
 
@@ -158,6 +164,7 @@ def bare_loop(spec: Spec) -> Side:
                 round_s=time.perf_counter() - round_started,
                 train_loss=sum(r.metrics["train_loss"] * r.update.num_examples for r in results) / examples,
                 eval_metric=metrics[metric],
+                client_s_p50=statistics.median(r.metrics["seconds"] for r in results),
             )
         )
         print(f"bare   round {round_index}: {rounds[-1].round_s:.2f} s", flush=True)
@@ -179,7 +186,10 @@ def fedray_run(spec: Spec, cores: int) -> Side:
     for record in summary.rounds:
         index = record["round"]
         wall_s = (logged_ms[index] - logged_ms[index - 1]) / MS_PER_S if index > 0 else None
-        rounds.append(RoundTiming(index, record["round_s"], record["train_loss"], record[metric], wall_s))
+        timing = RoundTiming(
+            index, record["round_s"], record["train_loss"], record[metric], record["client_s_p50"], wall_s
+        )
+        rounds.append(timing)
         print(f"fedray round {index}: {record['round_s']:.2f} s", flush=True)
     builds = [worker["builds"] for worker in summary.worker_builds.values()]
     return Side("fedray", rounds, ray_start_s, total_s, workers=len(builds), max_builds=max(builds))
@@ -200,6 +210,8 @@ def rounds_table(bare: Side, fedray: Side) -> str:
         "fedray round_s",
         "fedray wall s",
         "wall / bare",
+        "client s p50 bare",
+        "client s p50 fedray",
         "train loss bare",
         "train loss fedray",
         "eval bare",
@@ -216,6 +228,8 @@ def rounds_table(bare: Side, fedray: Side) -> str:
                 f"{ours.round_s:.2f}",
                 wall,
                 ratio,
+                f"{theirs.client_s_p50:.2f}",
+                f"{ours.client_s_p50:.2f}",
                 f"{theirs.train_loss:.6f}",
                 f"{ours.train_loss:.6f}",
                 f"{theirs.eval_metric:.4f}",
@@ -242,11 +256,44 @@ def sides_table(bare: Side, fedray: Side) -> str:
     )
 
 
+def _mean_and_error(values: Sequence[float], what: str) -> str:
+    """``mean ± standard error`` of ratios: how far the noise between ``what`` moves the mean."""
+    if len(values) < 2:
+        return f"mean {values[0]:.3f} (one {what[:-1]}: no spread)"
+    error = statistics.stdev(values) / len(values) ** 0.5
+    return f"mean {statistics.fmean(values):.3f} ± {error:.3f} (standard error over {len(values)} {what})"
+
+
+@dataclass
+class Pair:
+    """One bare run and the fedray run right after it: one ratio, as the machine's speed drifts over minutes."""
+
+    bare: Side
+    fedray: Side
+
+    @property
+    def ratio_wall(self) -> float:
+        return self.fedray.measured_s() / self.bare.measured_s()
+
+    @property
+    def ratio_round_s(self) -> float:
+        return sum(t.round_s for t in self.fedray.rounds[1:]) / self.bare.measured_s()
+
+    def per_round(self) -> list[float]:
+        return [
+            ours.wall_s / theirs.round_s
+            for ours, theirs in zip(self.fedray.rounds[1:], self.bare.rounds[1:], strict=True)
+        ]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help=f"spec overrides (key=value) on top of {SPEC_FILE}")
     parser.add_argument(
         "--cores", type=int, help="cores (torch threads, Ray CPUs) for the client work; default every core"
+    )
+    parser.add_argument(
+        "--pairs", type=int, help=f"bare-then-fedray pairs of runs (default {FULL_PAIRS}; 1 with --smoke)"
     )
     add_common_arguments(parser)
     return parser.parse_args(argv)
@@ -258,6 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cores = args.cores or core_count()
     if not 1 <= cores <= core_count():
         raise SystemExit(f"--cores {cores}: this machine has {core_count()}; give 1 to {core_count()}")
+    num_pairs = args.pairs or (1 if args.smoke else FULL_PAIRS)
+    if num_pairs < 1:
+        raise SystemExit(f"--pairs {num_pairs}: give at least 1")
     overrides = [
         *COMMON_OVERRIDES,
         *(SMOKE_OVERRIDES if args.smoke else FULL_OVERRIDES),
@@ -268,42 +318,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     if spec.rounds < 2:
         raise SystemExit(f"rounds={spec.rounds}: at least 2 are needed (round 0 is left out of the ratio)")
 
-    bare = bare_loop(spec)
-    fedray = fedray_run(spec, cores)
+    pairs = []
+    for index in range(num_pairs):
+        print(f"pair {index + 1} of {num_pairs}", flush=True)
+        pairs.append(Pair(bare_loop(spec), fedray_run(spec, cores)))
 
-    ratio = fedray.measured_s() / bare.measured_s()
-    round_s_ratio = sum(t.round_s for t in fedray.rounds[1:]) / bare.measured_s()
-    per_round = [ours.wall_s / theirs.round_s for ours, theirs in zip(fedray.rounds[1:], bare.rounds[1:], strict=True)]
-    loss_gap = same_work(bare, fedray)
+    # Pooled: all fedray time over all bare time, so longer (slower) pairs weigh more, as time does.
+    ratio = sum(pair.fedray.measured_s() for pair in pairs) / sum(pair.bare.measured_s() for pair in pairs)
+    round_s_ratio = sum(sum(t.round_s for t in pair.fedray.rounds[1:]) for pair in pairs) / sum(
+        pair.bare.measured_s() for pair in pairs
+    )
+    per_pair = [pair.ratio_wall for pair in pairs]
+    per_round = [value for pair in pairs for value in pair.per_round()]
+    loss_gap = max(same_work(pair.bare, pair.fedray) for pair in pairs)
     met = "met" if ratio <= 1 + TARGET_OVERHEAD else "MISSED"
     threads = torch.get_num_threads()
-    report.sections += [
+    report.sections.append(
         f"Setting: `{SPEC_FILE}` ({spec.model}, {spec.dataset}, {spec.method}) with {' '.join(overrides)}: "
         f"{spec.rounds} rounds of {spec.sampled_clients} clients, {spec.train.local_steps} local steps each, "
         f"evaluation of {spec.eval.max_examples} examples every round; one client at a time with {threads} torch "
-        f"threads on both sides.",
-        rounds_table(bare, fedray),
-        sides_table(bare, fedray),
-        f"fedray / bare over rounds 1..{spec.rounds - 1}: {ratio:.3f} by wall time (checkpoints and MLflow "
-        f"included), {round_s_ratio:.3f} by round_s; per round (wall) median {statistics.median(per_round):.3f}. "
-        f"Target <= {1 + TARGET_OVERHEAD:.2f}: {met}. Train losses of the two sides agree to {loss_gap:.1e} "
-        f"(relative): {'the same work' if loss_gap <= SAME_LOSS_RTOL else 'NOT the same work'}. fedray's client "
-        f"tasks ran in {fedray.workers} worker process(es), each building the base model at most "
-        f"{fedray.max_builds} time(s).",
-    ]
+        f"threads on both sides. {num_pairs} pair(s) of runs, each the bare loop and then fedray."
+    )
+    for index, pair in enumerate(pairs):
+        report.sections += [
+            f"Pair {index + 1}: fedray / bare {pair.ratio_wall:.3f} by wall time, {pair.ratio_round_s:.3f} by round_s.",
+            rounds_table(pair.bare, pair.fedray),
+            sides_table(pair.bare, pair.fedray),
+        ]
+    report.sections.append(
+        f"fedray / bare over rounds 1..{spec.rounds - 1} of {num_pairs} pair(s): {ratio:.3f} by wall time "
+        f"(checkpoints and MLflow included), {round_s_ratio:.3f} by round_s; per pair "
+        f"{', '.join(f'{value:.3f}' for value in per_pair)}, {_mean_and_error(per_pair, 'pairs')}; per round (wall) "
+        f"median {statistics.median(per_round):.3f}. Target <= {1 + TARGET_OVERHEAD:.2f}: {met}. Train losses of "
+        f"the two sides agree to {loss_gap:.1e} (relative): "
+        f"{'the same work' if loss_gap <= SAME_LOSS_RTOL else 'NOT the same work'}. fedray's client tasks ran in "
+        f"{max(pair.fedray.workers for pair in pairs)} worker process(es) at most, each building the base model at "
+        f"most {max(pair.fedray.max_builds for pair in pairs)} time(s)."
+    )
     report.results = {
         "spec_file": SPEC_FILE,
         "overrides": overrides,
         "torch_threads": threads,
         "ratio_wall": ratio,
         "ratio_round_s": round_s_ratio,
+        "ratio_per_pair": per_pair,
         "ratio_per_round": per_round,
         "target_ratio": 1 + TARGET_OVERHEAD,
         "target_met": ratio <= 1 + TARGET_OVERHEAD,
         "train_loss_max_rel_diff": loss_gap,
         "same_work": loss_gap <= SAME_LOSS_RTOL,
-        "bare": asdict(bare),
-        "fedray": asdict(fedray),
+        "pairs": [{"bare": asdict(pair.bare), "fedray": asdict(pair.fedray)} for pair in pairs],
     }
     finish(report, args.out)
     return 0
