@@ -355,7 +355,7 @@ def tables(results: dict[str, dict], cells: Sequence[Cell]) -> str:
 def participation_table(results: dict[str, dict]) -> list[str]:
     """Markdown: 5 vs 10 clients a round, over the participation seeds that have both cells (paired by seed)."""
     lines = [
-        f"#### Participation ({PARTICIPATION_SETTING}): 5 vs 10 of 50 clients a round, final eval accuracy",
+        f"#### Participation ({PARTICIPATION_SETTING}, paired by seed): 5 vs 10 of 50 clients a round, final accuracy",
         "",
         "| variant | 5 a round | 10 a round | 10 minus 5, per seed |",
         "|---|---:|---:|---|",
