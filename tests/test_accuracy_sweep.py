@@ -79,6 +79,34 @@ def test_results_survive_a_torn_line_and_tables_count_seeds(sweep, tmp_path):
     assert results_md.read_text() == f"intro\n{sweep.TABLE_BEGIN}\nnew table\n{sweep.TABLE_END}\noutro\n"
 
 
+def test_participation_table_pairs_cells_by_seed_and_stays_out_of_the_main_curve(sweep):
+    def record(cell, table, accuracy):
+        variant = cell.split("/")[-2]
+        return {
+            "cell": cell,
+            "table": table,
+            "setting": "rt-iid",
+            "variant": variant,
+            "final_accuracy": accuracy,
+            "curve": [[2, accuracy]],
+            "round_s_mean": 1.0,
+            "sitting_wall_s": 1.0,
+        }
+
+    rows = [
+        record("rt-iid/fedplora/s0", "primary", 0.70),
+        record("rt-iid/fedplora/s1", "primary", 0.66),  # its 10-a-round partner has not run
+        record("participation-table/rt-iid/fedplora-10/s0", "participation", 0.78),
+        record("rt-iid/hlora/s0", "primary", 0.80),
+    ]  # fmt: skip
+    results = {row["cell"]: row for row in rows}
+    markdown = "\n".join(sweep.participation_table(results))
+    assert "| fedplora | 0.700 | 0.780 | +0.080 (n=1) |" in markdown
+    assert "| hlora | - | - | - |" in markdown
+    # The main grid's mean curve counts the three primary cells only.
+    assert "| rt-iid | 3 | 0.720 |" in "\n".join(sweep.flatten_table(results))
+
+
 def test_smoke_runs_two_cells_a_second_sitting_redoes_none_and_again_reruns_one():
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
