@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 #: MLflow refuses parameter values longer than this.
@@ -58,15 +60,7 @@ class Tracker:
         cls, uri: str, experiment: str, *, artifact_root: Path, run_name: str, params: Mapping[str, Any], tags: dict
     ) -> Tracker:
         client = MlflowClient(uri)
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            # An explicit artifact root: MLflow's default (./mlruns) lands wherever the
-            # driver happens to run, e.g. in Ray's temporary working dir.
-            location = None if uri.startswith("http") else artifact_root.resolve().as_uri()
-            experiment_id = client.create_experiment(experiment, artifact_location=location)
-        else:
-            experiment_id = found.experiment_id
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run = client.create_run(_experiment_id(client, experiment, artifact_root), run_name=run_name, tags=tags)
         tracker = cls(uri, run.info.run_id)
         tracker.log_params(params)
         return tracker
@@ -97,6 +91,26 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self._client.set_terminated(self.run_id, status=status)
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_root: Path) -> str:
+    """The id of experiment ``name``, created if missing (also when another run creates it at the same moment)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    # An explicit artifact root: MLflow's default (./mlruns) lands wherever the driver
+    # happens to run, e.g. in Ray's temporary working dir.
+    location = None if client.tracking_uri.startswith("http") else artifact_root.resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as error:
+        # Runs of one spec started together (a sweep's cells, parallel job submissions) race to create it.
+        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def _param_text(value: Any) -> str:
