@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -191,6 +192,11 @@ def default_cache_dir() -> Path:
 HEAD_MODULES = ("classifier", "score")
 
 
+#: Loading seeds the process's global RNG (the new head) and quiets transformers' logging,
+#: both process-wide: loads from concurrent threads (one driver's parallel runs) take turns.
+_LOAD_LOCK = threading.Lock()
+
+
 def _from_pretrained(model_class: type, source: str | Path, **kwargs: Any) -> torch.nn.Module:
     """``model_class.from_pretrained`` without transformers' load report, warning only of real gaps.
 
@@ -247,7 +253,7 @@ def load_base(spec: ModelSpec, cache_dir: str | Path | None = None) -> Base:
                 "set pooling to cls."
             )
         model_class = MeanPoolingBertForSequenceClassification
-    with torch.random.fork_rng(devices=[]):
+    with _LOAD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = _from_pretrained(model_class, source, **head_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source)

@@ -91,6 +91,17 @@ def test_minilm_loads_offline_frozen_with_seeded_head(minilm: models.Base) -> No
     assert not any(p.requires_grad for p in minilm.model.parameters())
 
 
+def test_loads_from_concurrent_threads_get_the_heads_of_their_own_seeds(minilm: models.Base) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = {seed: load_base(minilm_spec(seed=seed)).model.classifier.weight for seed in (0, 1)}
+    seeds = [0, 1, 0, 1, 0, 1]
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        heads = list(pool.map(lambda seed: load_base(minilm_spec(seed=seed)).model.classifier.weight, seeds))
+    for seed, head in zip(seeds, heads):
+        assert torch.equal(head, alone[seed]), f"a concurrent load of seed {seed} drew another head"
+
+
 def test_minilm_head_reads_the_masked_mean_of_its_tokens(minilm: models.Base) -> None:
     # all-MiniLM-L6-v2 ships a sentence-transformers config that says it pools by mean.
     assert isinstance(minilm.model, models.MeanPoolingBertForSequenceClassification)
