@@ -209,7 +209,7 @@ def _execute(
     status = "FAILED"
     aggregator = None
     try:
-        _connect_ray(address, spec)
+        connect_ray(address, spec)
         shapes = target_layers(base.model, base.target_modules)
         # On the driver's node: the tracking URI and paths the user gave are valid there, and
         # the actor never keeps an autoscaled GPU worker alive (or dies with a spot one).
@@ -398,7 +398,7 @@ def _task_capacity(resources: dict[str, float]) -> int:
     return max(1, int(min(fits, default=1)))
 
 
-def _connect_ray(address: str | None, spec: Spec) -> None:
+def connect_ray(address: str | None, spec: Spec) -> None:
     """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local one."""
     if ray.is_initialized():
         return

@@ -3,13 +3,16 @@
 The base model's arrays live once in the object store. Each worker process builds a
 ``Workbench`` around them the first time it runs a task of a run and keeps it for every
 later task of that run (tasks are scheduled with ``max_calls=0`` so GPU workers are
-reused too), so the base is rebuilt once per worker, never once per client-round.
+reused too), so the base is rebuilt once per worker, never once per client-round. Runs
+that share a driver (a sweep's concurrent cells) share its workers, so a worker keeps
+the workbenches of its few most recent runs rather than only the last one.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,8 +25,11 @@ from fedray.client import ClientResult, Workbench
 from fedray.config import FaultSpec, Spec
 from fedray.methods import ClientInit
 
-#: Workbenches of this process, by run key (a process serves one run at a time).
-_BENCHES: dict[str, Workbench] = {}
+#: Runs whose workbench one process keeps at once. Small: a GPU worker's workbench holds a
+#: device copy of its base, and an older run's model is of no further use.
+WORKBENCHES_PER_PROCESS = 2
+#: Workbenches of this process, by run key, least recently used first.
+_BENCHES: OrderedDict[str, Workbench] = OrderedDict()
 #: How many times this process built each run's base model (the server checks it stays 1).
 _BUILDS: dict[str, int] = {}
 
@@ -32,10 +38,12 @@ def workbench(run_key: str, shared_box: list) -> Workbench:
     """This process's workbench for ``run_key``, built from the shared base on first use."""
     bench = _BENCHES.get(run_key)
     if bench is None:
-        _BENCHES.clear()  # an older run's model is of no further use
+        while len(_BENCHES) >= WORKBENCHES_PER_PROCESS:
+            _BENCHES.popitem(last=False)
         bench = Workbench(ray.get(shared_box[0]))
         _BENCHES[run_key] = bench
         _BUILDS[run_key] = _BUILDS.get(run_key, 0) + 1
+    _BENCHES.move_to_end(run_key)
     return bench
 
 

@@ -155,3 +155,27 @@ def test_fedplora_run_draws_the_module_similarity(ray_session, tracking_uri, tmp
     image = summary.run_dir / "module_similarity.png"
     assert image.stat().st_size > 1000
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_worker_keeps_the_workbenches_of_its_recent_runs(monkeypatch):
+    from collections import OrderedDict
+
+    from fedray import tasks
+
+    built = []
+    monkeypatch.setattr(tasks, "Workbench", lambda shared: built.append(shared) or object())
+    monkeypatch.setattr(tasks.ray, "get", lambda ref: ref)
+    monkeypatch.setattr(tasks, "_BENCHES", OrderedDict())
+    monkeypatch.setattr(tasks, "_BUILDS", {})
+    assert tasks.WORKBENCHES_PER_PROCESS == 2
+    first, second = tasks.workbench("a", ["base a"]), tasks.workbench("b", ["base b"])
+    # Two runs that share the worker take turns without rebuilding their base.
+    for _ in range(3):
+        assert tasks.workbench("a", ["base a"]) is first and tasks.workbench("b", ["base b"]) is second
+    assert built == ["base a", "base b"] and tasks._BUILDS == {"a": 1, "b": 1}
+    # A third run drops the least recently used one.
+    tasks.workbench("c", ["base c"])
+    assert list(tasks._BENCHES) == ["b", "c"]
+    assert tasks.workbench("b", ["base b"]) is second
+    tasks.workbench("a", ["base a"])
+    assert tasks._BUILDS == {"a": 2, "b": 1, "c": 1} and list(tasks._BENCHES) == ["b", "a"]
