@@ -79,6 +79,29 @@ def test_results_survive_a_torn_line_and_tables_count_seeds(sweep, tmp_path):
     assert results_md.read_text() == f"intro\n{sweep.TABLE_BEGIN}\nnew table\n{sweep.TABLE_END}\noutro\n"
 
 
+def test_a_cell_of_a_parallel_sitting_counts_its_share_of_the_machine(sweep):
+    common = {"table": "primary", "setting": "rt-iid", "final_accuracy": 0.7, "curve": [[2, 0.6], [4, 0.7]]}
+    rows = [
+        {**common, "cell": "rt-iid/fedplora/s0", "variant": "fedplora", "round_s_mean": 10.0, "sitting_wall_s": 45.0},
+        {**common, "cell": "rt-iid/hlora/s0", "variant": "hlora", "round_s_mean": 30.0, "sitting_wall_s": 126.0,
+         "parallel": 2},  # ran beside another cell: half of its 4 x 30 s
+    ]  # fmt: skip
+    markdown = sweep.tables({row["cell"]: row for row in rows}, sweep.all_cells())
+    assert "the sittings' wall time: 0.03 h" in markdown  # (45 + 126 / 2) s
+    assert "took 40 s at the fastest and 50 s at the median" in markdown
+
+
+def test_mean_curve_table_takes_settings_of_different_lengths(sweep):
+    rows = [
+        {"cell": "rt-iid/flora/s0", "table": "primary", "setting": "rt-iid", "curve": [[2, 0.6], [4, 0.7]]},
+        {"cell": "bbc-dir0.5/flora/s0", "table": "secondary", "setting": "bbc-dir0.5",
+         "curve": [[2, 0.5], [4, 0.8], [6, 0.9]]},
+    ]  # fmt: skip
+    markdown = "\n".join(sweep.flatten_table({row["cell"]: row for row in rows}))
+    assert "| rt-iid | 1 | 0.600 | 0.700 | - |" in markdown
+    assert "| bbc-dir0.5 | 1 | 0.500 | 0.800 | 0.900 |" in markdown
+
+
 def test_participation_table_pairs_cells_by_seed_and_stays_out_of_the_main_curve(sweep):
     def record(cell, table, accuracy):
         variant = cell.split("/")[-2]

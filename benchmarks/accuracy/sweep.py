@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -107,6 +108,8 @@ PARTICIPATION_VARIANTS: dict[str, tuple[str, ...]] = {
 #: The tables of the main grid; the others ("hlora", "participation") are side tables of one setting.
 MAIN_TABLES = ("primary", "secondary")
 
+#: Cells a sitting runs at once: two keep both cores of the 2-core machine busy.
+DEFAULT_PARALLEL = 2
 #: Tiny overrides for --smoke: seconds per cell.
 SMOKE = (
     "rounds=2",
@@ -241,43 +244,103 @@ def sitting(
     budget_s: float | None,
     extra: Sequence[str] = (),
     again: bool = False,
+    parallel: int = 1,
 ) -> int:
     """Run the cells without a result until the budget is spent; returns how many finished.
 
+    ``parallel`` cells run at once, as threads of this driver over its one Ray instance and
+    its warm workers: a lone cell leaves a core idle while a round's last client trains
+    alone and while the server evaluates, and a second cell's tasks fill those gaps. A
+    client task owns its threads either way, so a cell computes what it computes alone.
     ``again`` runs the cells that have a result too, from scratch: the new line in the
     results file wins, and the old MLflow run is deleted once the new one has finished, so
-    the curves hold one run per cell.
+    the curves hold one run per cell. Ctrl-C ends the sitting at once; the cells in flight
+    resume from their last checkpoints in the next one.
     """
     import ray
     from mlflow.tracking import MlflowClient
 
+    from fedray.config import load_spec
+    from fedray.server import connect_ray
     from fedray.tracking import check_tracking_uri
 
+    if parallel < 1:
+        raise SystemExit(f"--parallel must be at least 1, got {parallel}")
     runs_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{runs_dir / 'mlflow.db'}"
     check_tracking_uri(tracking_uri)
     done = read_results(results_file)
     todo = list(cells) if again else [cell for cell in cells if cell.id not in done]
     print(f"sweep: {len(cells) - len(todo)} of {len(cells)} cells done, {len(todo)} to run", file=sys.stderr)
+    if todo:
+        # Once, before the threads: concurrent cells join the same instance.
+        connect_ray(None, load_spec(SETTING_FILE, todo[0].spec_overrides(extra)))
+    #: The cells this sitting runs at once (the record's share of the machine).
+    concurrency = min(parallel, len(todo))
     started = time.perf_counter()
-    finished = 0
-    for cell in todo:
+    waiting = iter(todo)
+    running: dict[Future, Cell] = {}
+    finished, failure = 0, None
+
+    def start_next(pool: ThreadPoolExecutor) -> bool:
         if budget_s is not None and time.perf_counter() - started > budget_s:
-            print("sweep: time budget spent; the next sitting goes on from here", file=sys.stderr)
-            break
-        record = run_cell(cell, runs_dir=runs_dir, tracking_uri=tracking_uri, extra=extra, fresh=again)
-        with results_file.open("a") as out:
-            out.write(json.dumps(record) + "\n")
-        if again and cell.id in done:
-            MlflowClient(tracking_uri).delete_run(done[cell.id]["run_id"])
-        finished += 1
-        print(
-            f"sweep: {cell.id}: final accuracy {record['final_accuracy']:.4f} ({record['sitting_wall_s']:.0f} s)",
-            file=sys.stderr,
-        )
+            return False
+        cell = next(waiting, None)
+        if cell is None:
+            return False
+        future = pool.submit(run_cell, cell, runs_dir=runs_dir, tracking_uri=tracking_uri, extra=extra, fresh=again)
+        running[future] = cell
+        return True
+
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cell") as pool:
+        try:
+            while True:
+                while failure is None and len(running) < parallel and start_next(pool):
+                    pass
+                if not running:
+                    break
+                for future in wait(running, return_when=FIRST_COMPLETED).done:
+                    cell = running.pop(future)
+                    try:
+                        record = future.result()
+                    except Exception as error:  # the others in flight finish and are recorded first
+                        failure = failure or error
+                        continue
+                    record["parallel"] = concurrency
+                    with results_file.open("a") as out:
+                        out.write(json.dumps(record) + "\n")
+                    if again and cell.id in done:
+                        _delete_run(MlflowClient(tracking_uri), done[cell.id]["run_id"])
+                    finished += 1
+                    print(
+                        f"sweep: {cell.id}: final accuracy {record['final_accuracy']:.4f} "
+                        f"({record['sitting_wall_s']:.0f} s)",
+                        file=sys.stderr,
+                    )
+        except KeyboardInterrupt:
+            print("sweep: interrupted; the cells in flight resume from their checkpoints next sitting", file=sys.stderr)
+            sys.stderr.flush()
+            ray.shutdown()
+            os._exit(130)  # the cell threads cannot be interrupted; their checkpoints are on disk
     if ray.is_initialized():
         ray.shutdown()
+    if failure is not None:
+        raise failure
+    if next(waiting, None) is not None:
+        print("sweep: time budget spent; the next sitting goes on from here", file=sys.stderr)
     return finished
+
+
+def _delete_run(client, run_id: str) -> None:
+    """Delete a replaced cell's MLflow run, unless it is not in this store (made on another machine)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_run(run_id)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        print(f"sweep: the replaced run {run_id} is not in this store; nothing to delete", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -337,15 +400,17 @@ def tables(results: dict[str, dict], cells: Sequence[Cell]) -> str:
     lines += [f"| {name} | {cell_text(key)} |" for name, key in hlora_rows]
     lines += ["", *participation_table(results)]
     lines += ["", *flatten_table(results)]
-    walls = [r["sitting_wall_s"] for r in results.values()]
+    # A cell of a sitting that ran k at once had the machine 1/k of its time.
+    walls = [r["sitting_wall_s"] / r.get("parallel", 1) for r in results.values()]
     # A resumed cell's sitting saw only its last rounds; its rounds' own times are all in its record.
-    cell_s = [r["round_s_mean"] * r["curve"][-1][0] for r in results.values()]
+    cell_s = [r["round_s_mean"] * r["curve"][-1][0] / r.get("parallel", 1) for r in results.values()]
     if walls:
         lines += [
             "",
             f"Cells done: {len(results)} of {len(cells)}; the sittings' wall time: {sum(walls) / 3600:.2f} h. "
             f"A cell's rounds took {min(cell_s):.0f} s at the fastest and {statistics.median(cell_s):.0f} s at the "
-            f"median (cells that ran beside other work are slower), so all {len(cells)} cells take "
+            f"median (a cell of a sitting that ran k cells at once counts 1/k of its time; cells that ran beside "
+            f"other work are slower), so all {len(cells)} cells take "
             f"{min(cell_s) * len(cells) / 3600:.1f} to {statistics.median(cell_s) * len(cells) / 3600:.1f} h "
             "(a sitting adds about 2 s a cell).",
         ]
@@ -394,8 +459,9 @@ def flatten_table(results: dict[str, dict]) -> list[str]:
         "|---|---:" + "|---:" * len(rounds) + "|",
     ]
     for setting in (s for s in SETTINGS if s in curves):
-        means = [statistics.fmean(c[r] for c in curves[setting] if r in c) for r in rounds]
-        lines.append(f"| {setting} | {len(curves[setting])} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+        at_round = [[c[r] for c in curves[setting] if r in c] for r in rounds]
+        means = [f"{statistics.fmean(values):.3f}" if values else "-" for values in at_round]
+        lines.append(f"| {setting} | {len(curves[setting])} | " + " | ".join(means) + " |")
     return lines
 
 
@@ -441,7 +507,10 @@ def _smoke() -> None:
         folder = Path(tmp)
         cells = [c for c in all_cells() if c.id in ("rt-iid/fedplora/s0", "rt-iid/fedit-r2/s0")]
         results_file = folder / "results.jsonl"
-        finished = sitting(cells, results_file=results_file, runs_dir=folder / "runs", budget_s=None, extra=SMOKE)
+        # Both cells at once: one experiment created by two runs, one Ray shared by two drivers' threads.
+        finished = sitting(
+            cells, results_file=results_file, runs_dir=folder / "runs", budget_s=None, extra=SMOKE, parallel=2
+        )
         again = sitting(cells, results_file=results_file, runs_dir=folder / "runs", budget_s=None, extra=SMOKE)
         first = read_results(results_file)
         rerun = sitting(
@@ -449,6 +518,8 @@ def _smoke() -> None:
         )
         results = read_results(results_file)
         assert finished == 2 and again == 0 and rerun == 1 and len(results) == 2, (finished, again, rerun, results)
+        assert [first[cell.id]["parallel"] for cell in cells] == [2, 2], first  # the --again cell ran alone
+        assert len({first[cell.id]["run_id"] for cell in cells}) == 2
         assert results[cells[0].id]["run_id"] != first[cells[0].id]["run_id"], "--again made no new run"
         from mlflow.tracking import MlflowClient
 
@@ -472,25 +543,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=(), help="cell ids or glob patterns (e.g. 'rt-iid/*/s0')")
     parser.add_argument("--budget-min", type=float, help="start no new cell after this many minutes")
     parser.add_argument("--again", action="store_true", help="run: re-run the chosen cells from scratch even if done")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=DEFAULT_PARALLEL,
+        help=f"run: cells at once on the one Ray instance (default {DEFAULT_PARALLEL}: fills both cores of 2)",
+    )
     parser.add_argument("--write", action="store_true", help="table: replace the sweep block of RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="list/run: the results file")
+    parser.add_argument("--extra", nargs="*", default=(), help="run: overrides added to every cell (trials only)")
+    parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="run/curves: runs and their MLflow store")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # A sitting starts Ray itself; a cell thread still running after Ctrl-C's shutdown must not start another.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     if args.smoke:
         _smoke()
         return 0
     cells = _selected(args.only)
     if args.command == "list":
-        print("\n".join(_iter_status(cells, read_results(RESULTS_FILE))))
+        print("\n".join(_iter_status(cells, read_results(args.results))))
     elif args.command == "run":
         budget = None if args.budget_min is None else args.budget_min * 60
-        sitting(cells, results_file=RESULTS_FILE, runs_dir=RUNS_DIR, budget_s=budget, again=args.again)
+        options = {"budget_s": budget, "again": args.again, "parallel": args.parallel, "extra": args.extra}
+        sitting(cells, results_file=args.results, runs_dir=args.runs_dir, **options)
     elif args.command == "table":
         markdown = tables(read_results(RESULTS_FILE), all_cells())
         print(markdown)
         if args.write:
             write_tables(markdown, RESULTS_MD)
     else:
-        curves(RUNS_DIR, CURVES_DIR)
+        curves(args.runs_dir, CURVES_DIR)
     return 0
 
 
