@@ -13,6 +13,7 @@ so a resumed run neither repeats nor misses a round.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -413,11 +414,16 @@ def connect_ray(address: str | None, spec: Spec) -> None:
                 "`ray start --head`, fix --address, or leave --address and RAY_ADDRESS unset to run on this machine"
             ) from None
         return
+    cores = os.cpu_count() or 1
     ray.init(
-        num_cpus=os.cpu_count(),
+        num_cpus=cores,
         object_store_memory=LOCAL_OBJECT_STORE_BYTES,
         include_dashboard=False,
         log_to_driver=False,
+        # Ray keeps one idle worker per CPU and kills the rest within a second. With fractional
+        # CPUs more client tasks than cores run at once, and every killed worker costs a new
+        # process and a base build the next round: keep one worker per task that fits.
+        _system_config={"num_workers_soft_limit": max(cores, math.ceil(cores / spec.resources.num_cpus))},
     )
     available = ray.cluster_resources()
     for resource, wanted in (("CPU", spec.resources.num_cpus), ("GPU", spec.resources.num_gpus)):
