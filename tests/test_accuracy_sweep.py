@@ -137,3 +137,23 @@ def test_smoke_runs_two_cells_a_second_sitting_redoes_none_and_again_reruns_one(
     assert summary["smoke"] == "ok"
     assert set(summary["cells"]) == {"rt-iid/fedplora/s0", "rt-iid/fedit-r2/s0"}
     assert all(0.0 <= accuracy <= 1.0 for accuracy in summary["cells"].values())
+
+
+def test_a_trials_table_prints_but_never_overwrites_the_record(tmp_path):
+    trial = tmp_path / "trial.jsonl"
+    row = {"cell": "bbc-dir0.5/flora/s0", "table": "secondary", "setting": "bbc-dir0.5", "variant": "flora",
+           "final_accuracy": 0.9, "curve": [[2, 0.5], [24, 0.9]], "round_s_mean": 10.0,
+           "sitting_wall_s": 240.0}  # fmt: skip
+    trial.write_text(json.dumps(row) + "\n")
+    shown = subprocess.run(
+        [sys.executable, str(SCRIPT), "table", "--results", str(trial)], capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "| bbc-dir0.5 | 1 | 0.500 | 0.900 |" in shown.stdout
+    written = subprocess.run(
+        [sys.executable, str(SCRIPT), "table", "--results", str(trial), "--write"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert written.returncode != 0 and "not from a trial's results" in written.stderr

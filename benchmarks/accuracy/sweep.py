@@ -550,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"run: cells at once on the one Ray instance (default {DEFAULT_PARALLEL}: fills both cores of 2)",
     )
     parser.add_argument("--write", action="store_true", help="table: replace the sweep block of RESULTS.md")
-    parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="list/run: the results file")
+    parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="list/run/table: the results file")
     parser.add_argument("--extra", nargs="*", default=(), help="run: overrides added to every cell (trials only)")
     parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="run/curves: runs and their MLflow store")
     args = parser.parse_args(argv)
@@ -568,7 +568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = {"budget_s": budget, "again": args.again, "parallel": args.parallel, "extra": args.extra}
         sitting(cells, results_file=args.results, runs_dir=args.runs_dir, **options)
     elif args.command == "table":
-        markdown = tables(read_results(RESULTS_FILE), all_cells())
+        if args.write and args.results.resolve() != RESULTS_FILE:
+            raise SystemExit(f"table --write fills RESULTS.md from {RESULTS_FILE} only, not from a trial's results")
+        markdown = tables(read_results(args.results), all_cells())
         print(markdown)
         if args.write:
             write_tables(markdown, RESULTS_MD)
