@@ -1,10 +1,10 @@
-"""The accuracy sweep: every method and reference on every setting, one resumable cell at a time.
+"""The accuracy sweep: every method and reference on every setting, in resumable cells.
 
 A cell is one fedray run (setting x variant x seed) of ``setting.yaml`` plus overrides. A
-sitting runs the cells that have no result yet, in order, and appends each finished
-cell's result as one JSON line to ``results.jsonl``; nothing else is ever rewritten, so a
-sitting can end at any moment (Ctrl-C, a time budget, a lost machine) and the next one
-goes on. A cell that was cut off mid-run resumes from its last checkpoint.
+sitting runs the cells that have no result yet, in order and two at a time, and appends
+each finished cell's result as one JSON line to ``results.jsonl``; nothing else is ever
+rewritten, so a sitting can end at any moment (Ctrl-C, a time budget, a lost machine)
+and the next one goes on. A cell that was cut off mid-run resumes from its last checkpoint.
 
     python benchmarks/accuracy/sweep.py list                       # cells, done or not
     python benchmarks/accuracy/sweep.py run --budget-min 60        # a sitting of about an hour
@@ -518,7 +518,7 @@ def _smoke() -> None:
         )
         results = read_results(results_file)
         assert finished == 2 and again == 0 and rerun == 1 and len(results) == 2, (finished, again, rerun, results)
-        assert [first[cell.id]["parallel"] for cell in cells] == [2, 2], first  # the --again cell ran alone
+        assert [first[cell.id]["parallel"] for cell in cells] == [2, 2], first
         assert len({first[cell.id]["run_id"] for cell in cells}) == 2
         assert results[cells[0].id]["run_id"] != first[cells[0].id]["run_id"], "--again made no new run"
         from mlflow.tracking import MlflowClient
