@@ -187,7 +187,7 @@ def test_a_worker_keeps_the_workbenches_of_its_recent_runs(monkeypatch):
 def test_a_local_run_of_fractional_cpu_clients_keeps_one_worker_per_client(tmp_path, tracking_uri):
     # Four half-CPU clients a round on the local Ray that `fedray run` starts: Ray's default
     # keeps one idle worker per CPU and would start (and build the base in) new ones each round.
-    overrides = [*TINY, "rounds=3", "clients_per_round=4", "resources.num_gpus=0", "method=fedplora", "name=test-pool"]
+    overrides = [*TINY, "clients_per_round=4", "resources.num_gpus=0", "method=fedplora", "name=test-pool"]
     # Seconds of evaluation on one worker: the other three sit idle long enough to be killed.
     overrides += ["dataset_options.max_examples=2000", "eval.max_examples=300"]
     command = [sys.executable, "-m", "fedray.cli", "run", "jobs/quickstart.yaml", *overrides, "--quiet"]
