@@ -334,11 +334,12 @@ def sitting(
 def _delete_run(client, run_id: str) -> None:
     """Delete a replaced cell's MLflow run, unless it is not in this store (made on another machine)."""
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
     try:
         client.delete_run(run_id)
     except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+        if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             raise
         print(f"sweep: the replaced run {run_id} is not in this store; nothing to delete", file=sys.stderr)
 
