@@ -341,33 +341,32 @@ def _run_clients(run: _Run, round_index: int, attempt: int, inits: dict[int, Any
     for client in inits:
         launch(client, 0)
     finished = 0
-    try:
-        while pending:
+    # Interrupted (Ctrl-C) or failed, the round's clients are not cancelled: cancelling a task
+    # whose reply is on its way crashes Ray 2.60's owner ("Tried to complete task that was not
+    # pending"), taking the driver down before it marks the run KILLED. Ray ends the tasks with
+    # the driver that owns them; a caller that lives on sees them finish and their results dropped.
+    while pending:
+        now = time.monotonic()
+        for entry in list(pending.values())[:capacity]:
+            entry[3] = entry[3] or now
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+        for status_ref in ready:
+            client, tries, result_ref, _ = pending.pop(status_ref)
+            try:
+                ray.get(status_ref)
+            except ray.exceptions.RayError as error:
+                failed(client, tries, _failure_reason(error))
+                continue
+            acknowledgements.append(run.aggregator.add.remote([result_ref]))
+            finished += 1
+        if reliability.client_timeout_s is not None:
             now = time.monotonic()
-            for entry in list(pending.values())[:capacity]:
-                entry[3] = entry[3] or now
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
-            for status_ref in ready:
-                client, tries, result_ref, _ = pending.pop(status_ref)
-                try:
-                    ray.get(status_ref)
-                except ray.exceptions.RayError as error:
-                    failed(client, tries, _failure_reason(error))
-                    continue
-                acknowledgements.append(run.aggregator.add.remote([result_ref]))
-                finished += 1
-            if reliability.client_timeout_s is not None:
-                now = time.monotonic()
-                for status_ref, (client, tries, _, running_since) in list(pending.items()):
-                    if running_since is not None and now - running_since > reliability.client_timeout_s:
-                        ray.cancel(status_ref, force=True)
-                        del pending[status_ref]
-                        failed(client, tries, f"timed out after {reliability.client_timeout_s} s")
-            show(f"round {round_index + 1}: clients {finished}/{len(inits)}")
-    except BaseException:
-        for status_ref in pending:
-            ray.cancel(status_ref, force=True)
-        raise
+            for status_ref, (client, tries, _, running_since) in list(pending.items()):
+                if running_since is not None and now - running_since > reliability.client_timeout_s:
+                    ray.cancel(status_ref, force=True)
+                    del pending[status_ref]
+                    failed(client, tries, f"timed out after {reliability.client_timeout_s} s")
+        show(f"round {round_index + 1}: clients {finished}/{len(inits)}")
     ray.get(acknowledgements)
 
 

@@ -194,8 +194,9 @@ def test_ctrl_c_marks_the_run_killed_and_resume_finishes_it(tmp_path, tracking_u
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     _wait_for_round(run_dir, 0, process)
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) == 130
-    assert "--resume" in process.stderr.read()
+    returncode, stderr = process.wait(timeout=120), process.stderr.read()
+    assert returncode == 130, stderr[-3000:]
+    assert "--resume" in stderr
     info = json.loads((run_dir / "checkpoint" / "latest.json").read_text())
     assert MlflowClient(tracking_uri).get_run(info["run_id"]).info.status == "KILLED"
     done = subprocess.run(
