@@ -165,7 +165,7 @@ def resume(
     tracker = Tracker(info["tracking_uri"], info["run_id"])
     MlflowClient(info["tracking_uri"]).update_run(info["run_id"], status="RUNNING")
     done = info["round"]
-    _truncate_metrics(run_dir / "metrics.jsonl", done)
+    _restore_metrics(run_dir / "metrics.jsonl", info["metrics"])
     # The checkpoint is written before its round is logged: log it if that never happened.
     if not any(m.step == done for m in MlflowClient(tracker.uri).get_metric_history(tracker.run_id, "clients_ok")):
         tracker.log_metrics(done, _numbers(info["metrics"]))
@@ -462,12 +462,21 @@ def _numbers(record: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in record.items() if isinstance(v, int | float) and k != "round"}
 
 
-def _truncate_metrics(path: Path, last_round: int) -> None:
-    """Keep the metrics lines of rounds up to ``last_round`` (a killed round may have more)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if json.loads(line)["round"] <= last_round]
-    path.write_text("".join(line + "\n" for line in lines))
+def _restore_metrics(path: Path, record: dict[str, Any]) -> None:
+    """Make ``metrics.jsonl`` end at the checkpointed round ``record``.
+
+    The line of that round is written after its checkpoint, so a kill may have left it
+    missing or cut off halfway: the checkpoint's own copy of the record replaces it.
+    """
+    lines = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            break  # the line the kill cut off: only ever the last
+        if entry["round"] < record["round"]:
+            lines.append(line)
+    path.write_text("".join(line + "\n" for line in [*lines, json.dumps(record)]))
 
 
 def _final_metrics(run_dir: Path) -> dict[str, float]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fedray import job
+from fedray import job, server
 from fedray.checkpoint import read_checkpoint
 from fedray.config import SpecError, load_spec
 from fedray.methods import method_from_state
@@ -67,9 +67,27 @@ def _wait_for_round(run_dir: Path, round_index: int, process: subprocess.Popen) 
     raise AssertionError(f"round {round_index} never checkpointed")
 
 
-@pytest.mark.parametrize("method", ["fedplora", "hlora"])
-def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(method, ray_session, tmp_path, tracking_uri):
-    overrides = [*TINY, "rounds=2", f"method={method}", f"name=resume-{method}"]
+def _assert_same_ending(whole: Path, resumed: Path, method: str, tracking_uri: str) -> None:
+    """The resumed run ends where the uninterrupted one does: global delta, MLflow history, metrics.jsonl."""
+    expected, got = _global_delta(whole, method), _global_delta(resumed, method)
+    for layer, delta in expected.items():
+        assert float((delta - got[layer]).abs().max()) <= 1e-6
+    run_ids = [read_checkpoint(path)[0]["run_id"] for path in (whole, resumed)]
+    for name in ("eval_accuracy", "eval_loss", "clients_ok", "init_noise"):
+        first, second = (_history(tracking_uri, run_id, name) for run_id in run_ids)
+        assert [step for step, _ in second] == [0, 1], name  # no round missing, none twice
+        assert np.allclose([v for _, v in first], [v for _, v in second], atol=1e-6), name
+    assert MlflowClient(tracking_uri).get_run(run_ids[1]).info.status == "FINISHED"
+    lines = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1]
+    reference = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    for line, same in zip(lines, reference, strict=True):
+        assert line["clients"] == same["clients"]
+        assert line["eval_accuracy"] == pytest.approx(same["eval_accuracy"], abs=1e-6)
+
+
+def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(ray_session, tmp_path, tracking_uri):
+    overrides = [*TINY, "rounds=2", "method=fedplora", "name=resume-fedplora"]
     whole = tmp_path / "whole"  # the reference runs in this session's Ray; the killed run in a Ray of its own
     run(load_spec("jobs/quickstart.yaml", overrides), run_dir=whole, tracking_uri=tracking_uri, progress=False)
 
@@ -85,18 +103,36 @@ def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(method, ray_se
         _cli("--resume", str(broken)), cwd=REPO, timeout=RUN_TIMEOUT_S, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_ending(whole, broken, "fedplora", tracking_uri)
 
-    expected, resumed = _global_delta(whole, method), _global_delta(broken, method)
-    for layer, delta in expected.items():
-        assert float((delta - resumed[layer]).abs().max()) <= 1e-6
-    run_ids = [read_checkpoint(path)[0]["run_id"] for path in (whole, broken)]
-    for name in ("eval_accuracy", "eval_loss", "clients_ok", "init_noise"):
-        first, second = (_history(tracking_uri, run_id, name) for run_id in run_ids)
-        assert [step for step, _ in second] == [0, 1], name  # no round missing, none twice
-        assert np.allclose([v for _, v in first], [v for _, v in second], atol=1e-6), name
-    assert MlflowClient(tracking_uri).get_run(run_ids[1]).info.status == "FINISHED"
-    lines = [json.loads(line)["round"] for line in (broken / "metrics.jsonl").read_text().splitlines()]
-    assert lines == [0, 1]
+
+def test_a_stop_right_after_a_checkpoint_resumes_to_the_same_end(ray_session, tmp_path, tracking_uri, monkeypatch):
+    """HLoRA, whose state is the SVD re-split, stopped where a kill does the most harm.
+
+    Round 0 is checkpointed but neither logged to MLflow nor written whole to metrics.jsonl.
+    """
+    spec = load_spec("jobs/quickstart.yaml", [*TINY, "rounds=2", "method=hlora", "name=resume-hlora"])
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run(spec, run_dir=whole, tracking_uri=tracking_uri, progress=False)
+
+    write_checkpoint = server.write_checkpoint
+
+    def checkpoint_then_stop(run_dir, round_index, *args):
+        write_checkpoint(run_dir, round_index, *args)
+        if round_index == 0:
+            (run_dir / "metrics.jsonl").write_text('{"round": 0, "clie')  # the line the kill cut off
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(server, "write_checkpoint", checkpoint_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, run_dir=broken, tracking_uri=tracking_uri, progress=False)
+    monkeypatch.undo()
+    run_id = read_checkpoint(broken)[0]["run_id"]
+    assert MlflowClient(tracking_uri).get_run(run_id).info.status == "KILLED"
+    assert _history(tracking_uri, run_id, "clients_ok") == []
+
+    resume(broken, progress=False)
+    _assert_same_ending(whole, broken, "hlora", tracking_uri)
 
 
 def test_resume_refuses_a_changed_spec_and_extends_rounds_when_allowed(ray_session, tmp_path, tracking_uri):
@@ -144,7 +180,7 @@ def test_injected_faults_are_survived_and_counted(ray_session, tmp_path, trackin
             "faults.delay_s=90",
             "faults.corrupt_prob=0.05",
             "reliability.client_retries=0",
-            "reliability.client_timeout_s=30",
+            "reliability.client_timeout_s=20",
         ],
     )
     expected = _expected_faults(spec, 3)
