@@ -1,10 +1,13 @@
 """The aggregation actor: owns the method state, streams client results into it, logs.
 
 During a round the driver hands the actor each finished client's result as an ObjectRef
-(``add``); a background thread of the actor pulls it and feeds it straight into the
-method's streaming ``aggregate``, so neither the actor nor the driver ever holds a whole
-round of updates. Every update is checked before it can touch the global state; a bad
-one is rejected with its reason and the round goes on.
+(``add``); a background thread of the actor pulls it and feeds it into the method's
+streaming ``aggregate`` in the order of the round's sample (by client id), so a run's
+numbers do not depend on which client finished first: float sums depend on their order.
+Only results that finish ahead of an earlier client wait for it, so neither the actor
+nor the driver holds a whole round of updates unless the first client finishes last.
+Every update is checked before it can touch the global state; a bad one is rejected with
+its reason and the round goes on.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ from fedray.tracking import Tracker
 
 #: Marks the end of a round's results in the actor's queue.
 _END = None
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """In the actor's queue: the driver gave up on this client (its turn in the order passes)."""
+
+    client_id: int
 
 
 class TooFewClients(RuntimeError):
@@ -121,9 +131,10 @@ class Aggregator:
 
     # ------------------------------------------------------------------- a round
 
-    def begin_round(self, collect_modules: bool) -> None:
+    def begin_round(self, collect_modules: bool, clients: list[int]) -> None:
+        """Open a round of ``clients`` (the sample, by id): their updates are aggregated in that order."""
         assert self._round is None, "a round is already open"
-        self._round = _Round(self, collect_modules)
+        self._round = _Round(self, collect_modules, clients)
 
     def add(self, result_box: list) -> None:
         """Queue one client's result (``result_box[0]`` is its ObjectRef, left unresolved)."""
@@ -132,6 +143,7 @@ class Aggregator:
     def report_failure(self, client_id: int, reason: str) -> None:
         """A client the driver gave up on (task error, lost worker, timeout)."""
         self._round.log.failures[str(client_id)] = reason
+        self._round.results.put(_Failed(client_id))
 
     def end_round(self) -> dict[str, float]:
         """Wait for the round's aggregation; return its metrics (not yet logged).
@@ -237,9 +249,10 @@ class Aggregator:
 class _Round:
     """One round's background aggregation inside the actor."""
 
-    def __init__(self, owner: Aggregator, collect_modules: bool) -> None:
+    def __init__(self, owner: Aggregator, collect_modules: bool, clients: list[int]) -> None:
         self.owner = owner
         self.collect_modules = collect_modules
+        self.clients = clients
         self.results: queue.Queue = queue.Queue()
         self.log = _RoundLog()
         self.stats = None
@@ -260,20 +273,31 @@ class _Round:
             self.error = error
 
     def _updates(self) -> Iterator[ClientUpdate]:
+        """The round's accepted updates in ``clients`` order, each once every client before it is done."""
         owner, log = self.owner, self.log
-        while (ref := self.results.get()) is not _END:
-            try:
-                result: ClientResult = ray.get(ref)
-            except ray.exceptions.RayError as error:
-                log.failures[ref.hex()] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-                continue
-            update = owner._checked(result.update, log)
-            if update is None:
-                continue
-            owner._record_result(result, log, self.collect_modules)
-            yield update
+        #: Done clients whose turn has not come: (result, checked update), or None if failed or rejected.
+        done: dict[int, tuple[ClientResult, ClientUpdate] | None] = {}
+        turn = 0
+        while (item := self.results.get()) is not _END:
+            if isinstance(item, _Failed):
+                done[item.client_id] = None
+            else:
+                try:
+                    result: ClientResult = ray.get(item)
+                except ray.exceptions.RayError as error:
+                    log.failures[item.hex()] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                    continue
+                update = owner._checked(result.update, log)
+                done[result.update.client_id] = None if update is None else (result, update)
+            while turn < len(self.clients) and self.clients[turn] in done:
+                yield from self._take(done.pop(self.clients[turn]))
+                turn += 1
         if self._abandoned:
             raise RuntimeError("round abandoned")
+        # Waiting behind a client that never reported (its result could not be read): in order.
+        order = {client: position for position, client in enumerate(self.clients)}
+        for client in sorted(done, key=lambda client: order.get(client, len(order))):
+            yield from self._take(done[client])
         needed = owner.spec.reliability.min_clients_per_round
         survivors = len(log.client_seconds)
         if survivors < needed:
@@ -281,3 +305,9 @@ class _Round:
                 f"{survivors} client(s) survived, fewer than reliability.min_clients_per_round={needed}; "
                 f"failures: {log.failures}"
             )
+
+    def _take(self, entry: tuple[ClientResult, ClientUpdate] | None) -> Iterator[ClientUpdate]:
+        if entry is not None:
+            result, update = entry
+            self.owner._record_result(result, self.log, self.collect_modules)
+            yield update

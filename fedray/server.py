@@ -267,7 +267,7 @@ def _play_round(run: _Run, round_index: int, show) -> dict[str, Any]:
     for attempt in range(spec.reliability.round_attempts):
         sampled = job.sample_clients(spec, round_index, attempt)
         inits = {client: run.aggregator.client_init.remote(client, run.client_ranks[client]) for client in sampled}
-        ray.get(run.aggregator.begin_round.remote(collect))
+        ray.get(run.aggregator.begin_round.remote(collect, sampled))
         try:
             _run_clients(run, round_index, attempt, inits, show)
             metrics = ray.get(run.aggregator.end_round.remote())
