@@ -173,7 +173,7 @@ def test_injected_faults_are_survived_and_counted(ray_session, tmp_path, trackin
             "rounds=3",
             "num_clients=8",
             "clients_per_round=6",
-            "seed=3",
+            "seed=38",  # every kind of fault, one timeout to wait out
             "faults.raise_prob=0.1",
             "faults.kill_prob=0.1",
             "faults.delay_prob=0.05",
@@ -184,8 +184,8 @@ def test_injected_faults_are_survived_and_counted(ray_session, tmp_path, trackin
         ],
     )
     expected = _expected_faults(spec, 3)
-    injected = sum(sum(counts.values()) for counts in expected)
-    assert injected >= 3 and all(sum(c.values()) < 6 for c in expected), expected  # the seed exercises faults
+    kinds = {kind: sum(counts[kind] for counts in expected) for kind in expected[0]}
+    assert min(kinds.values()) >= 1 and all(sum(c.values()) < 6 for c in expected), expected  # the seed's faults
     summary = run(spec, run_dir=tmp_path / "run", tracking_uri=tracking_uri, progress=False)
 
     failed = [value for _, value in _history(tracking_uri, summary.run_id, "clients_failed")]
@@ -222,9 +222,9 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_marks_the_run_killed_and_resume_finishes_it(tmp_path, tracking_uri):
+def test_ctrl_c_marks_the_run_killed_and_resume_finishes_it(ray_session, tmp_path, tracking_uri):
     run_dir = tmp_path / "run"
-    command = _cli("jobs/quickstart.yaml", *TINY, "rounds=3", "name=interrupted", "--run-dir", str(run_dir),
+    command = _cli("jobs/quickstart.yaml", *TINY, "rounds=2", "name=interrupted", "--run-dir", str(run_dir),
                    "--tracking-uri", tracking_uri)  # fmt: skip
     # A shell that starts the suite in the background leaves SIGINT ignored, and children inherit that.
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
@@ -235,12 +235,9 @@ def test_ctrl_c_marks_the_run_killed_and_resume_finishes_it(tmp_path, tracking_u
     assert "--resume" in stderr
     info = json.loads((run_dir / "checkpoint" / "latest.json").read_text())
     assert MlflowClient(tracking_uri).get_run(info["run_id"]).info.status == "KILLED"
-    done = subprocess.run(
-        _cli("--resume", str(run_dir)), cwd=REPO, timeout=RUN_TIMEOUT_S, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    resume(run_dir, progress=False)  # in this session's Ray; the SIGKILL test resumes through the CLI
     assert MlflowClient(tracking_uri).get_run(info["run_id"]).info.status == "FINISHED"
-    assert [step for step, _ in _history(tracking_uri, info["run_id"], "clients_ok")] == [0, 1, 2]
+    assert [step for step, _ in _history(tracking_uri, info["run_id"], "clients_ok")] == [0, 1]
 
 
 def test_unreachable_ray_address_fails_fast(tmp_path):
