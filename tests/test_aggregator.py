@@ -12,7 +12,7 @@ from fedray.config import load_spec
 from fedray.methods import ClientUpdate
 
 SHAPES = {"layer.0": (6, 5), "layer.1": (4, 7)}
-CLIENTS = [3, 0, 4, 1, 2]  # the round's sample, in the order the driver drew it
+CLIENTS = [3, 0, 4, 1, 2]  # the round's sample, in the order begin_round is given (the driver's: by id)
 RANKS = {0: 1, 1: 2, 2: 4, 3: 2, 4: 4}
 FAILED = 4  # its task fails: the driver reports it instead of adding a result
 #: A sum of factor products, and a sum per module.
@@ -53,10 +53,10 @@ def _round(aggregator, start: tuple, arrival: list[int]) -> tuple[dict, dict, di
 
 
 def test_a_round_aggregates_in_sample_order_whatever_order_clients_finish_in(ray_session, tracking_uri):
-    head = {"classifier.weight": torch.zeros(2, 3)}
+    first_head = {"classifier.weight": torch.zeros(2, 3)}
     MlflowClient(tracking_uri).search_experiments()  # a new store's tables, before two actors race to make them
     specs = {m: load_spec("jobs/quickstart.yaml", [f"method={m}", "max_rank=4", "ranks=[1,2,4]"]) for m in METHODS}
-    aggregators = {m: Aggregator.remote(spec, SHAPES, head, tracking_uri, "no-run") for m, spec in specs.items()}
+    aggregators = {m: Aggregator.remote(spec, SHAPES, first_head, tracking_uri, "no-run") for m, spec in specs.items()}
     for method, aggregator in aggregators.items():
         start = ray.get(aggregator.state.remote())
         delta, head, metrics = _round(aggregator, start, CLIENTS)
