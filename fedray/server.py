@@ -55,8 +55,6 @@ SAFE_TO_CHANGE = ("rounds", "eval.", "resources.", "reliability.client_timeout_s
 ADDRESS_CHECK_TIMEOUT_S = 5.0
 #: Characters of a failure's message kept in the round's record.
 REASON_CHARS = 300
-#: Ray's resource name for each task option.
-RAY_RESOURCE = {"num_cpus": "CPU", "num_gpus": "GPU"}
 
 
 class RunFailed(RuntimeError):
@@ -312,14 +310,12 @@ def _run_clients(run: _Run, round_index: int, attempt: int, inits: dict[int, Any
     """Train the sampled clients (``inits``: their starts' refs); hand each result to the actor as it finishes."""
     spec, reliability = run.spec, run.spec.reliability
     head_ref = run.aggregator.global_head.remote()
-    # Launch order; Ray runs same-shaped tasks first come, first served, so the first
-    # ``capacity`` pending tasks are the running ones, and a task's timeout clock starts
-    # when it enters that window, not while it waits for a free slot.
-    pending: dict[Any, list] = {}
-    capacity = _task_capacity(run.resources)
+    # Each task yields STARTED, its status, then its result (see ``train_task``). A task's
+    # timeout clock starts at STARTED: waiting for a free slot or a new worker is not running.
+    pending: dict[Any, list] = {}  # task -> [client, tries, started]
 
     def launch(client: int, tries: int) -> None:
-        status_ref, result_ref = train_task.options(**run.resources).remote(
+        task = train_task.options(**run.resources).remote(
             run.tracker.run_id,
             [run.shared_ref],
             inits[client],
@@ -329,7 +325,7 @@ def _run_clients(run: _Run, round_index: int, attempt: int, inits: dict[int, Any
             job.client_seed(spec, round_index, client),
             attempt * (reliability.client_retries + 1) + tries,
         )
-        pending[status_ref] = [client, tries, result_ref, None]
+        pending[task] = [client, tries, None]
 
     def failed(client: int, tries: int, reason: str) -> None:
         if tries < reliability.client_retries:
@@ -346,25 +342,28 @@ def _run_clients(run: _Run, round_index: int, attempt: int, inits: dict[int, Any
     # pending"), taking the driver down before it marks the run KILLED. Ray ends the tasks with
     # the driver that owns them; a caller that lives on sees them finish and their results dropped.
     while pending:
-        now = time.monotonic()
-        for entry in list(pending.values())[:capacity]:
-            entry[3] = entry[3] or now
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
-        for status_ref in ready:
-            client, tries, result_ref, _ = pending.pop(status_ref)
+        for task in ready:
+            entry = pending[task]
+            client, tries, started = entry
             try:
-                ray.get(status_ref)
+                ray.get(next(task))  # STARTED, or the status once the client is done
             except ray.exceptions.RayError as error:
+                del pending[task]
                 failed(client, tries, _failure_reason(error))
                 continue
-            acknowledgements.append(run.aggregator.add.remote([result_ref]))
+            if started is None:
+                entry[2] = time.monotonic()
+                continue
+            del pending[task]
+            acknowledgements.append(run.aggregator.add.remote([next(task)]))
             finished += 1
         if reliability.client_timeout_s is not None:
             now = time.monotonic()
-            for status_ref, (client, tries, _, running_since) in list(pending.items()):
-                if running_since is not None and now - running_since > reliability.client_timeout_s:
-                    ray.cancel(status_ref, force=True)
-                    del pending[status_ref]
+            for task, (client, tries, started) in list(pending.items()):
+                if started is not None and now - started > reliability.client_timeout_s:
+                    ray.cancel(task, force=True)
+                    del pending[task]
                     failed(client, tries, f"timed out after {reliability.client_timeout_s} s")
         show(f"round {round_index + 1}: clients {finished}/{len(inits)}")
     ray.get(acknowledgements)
@@ -389,13 +388,6 @@ def _check_reachable(address: str) -> None:
             f"cannot join the Ray cluster at {address!r} ({error}); start it with `ray start --head`, "
             "fix --address, or leave --address and RAY_ADDRESS unset to run on this machine"
         ) from None
-
-
-def _task_capacity(resources: dict[str, float]) -> int:
-    """How many client tasks of this shape the cluster runs at once (at least one)."""
-    total = ray.cluster_resources()
-    fits = [total.get(RAY_RESOURCE[name], 0.0) / amount for name, amount in resources.items() if amount > 0]
-    return max(1, int(min(fits, default=1)))
 
 
 def connect_ray(address: str | None, spec: Spec) -> None:

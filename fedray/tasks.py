@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,8 @@ WORKBENCHES_PER_PROCESS = 2
 _BENCHES: OrderedDict[str, Workbench] = OrderedDict()
 #: How many times this process built each run's base model (the server checks it stays 1).
 _BUILDS: dict[str, int] = {}
+#: What a client task yields first, as it begins to run.
+STARTED = "started"
 
 
 def workbench(run_key: str, shared_box: list) -> Workbench:
@@ -87,7 +89,7 @@ def fault_seed(client_seed: int, attempt: int) -> int:
     return int(np.random.SeedSequence([client_seed, attempt]).generate_state(1)[0])
 
 
-@ray.remote(max_calls=0, num_returns=2, max_retries=0)
+@ray.remote(max_calls=0, max_retries=0)
 def train_task(
     run_key: str,
     shared_box: list,
@@ -97,12 +99,15 @@ def train_task(
     head: Mapping[str, torch.Tensor] | None,
     seed: int,
     attempt: int = 0,
-) -> tuple[dict[str, Any], ClientResult]:
+) -> Iterator[str | dict[str, Any] | ClientResult]:
     """One client's round in a Ray worker (``shared_box`` holds the base's ObjectRef).
 
-    Returns a small status the driver reads and the result it hands on unread. Retries are
-    the driver's (``max_retries=0``), so injected faults and timeouts count the same way.
+    A generator: yields ``STARTED`` as it begins (the driver's timeout clock starts there, not
+    while the task waits for a slot or a new worker process), then a small status the driver
+    reads, then the result it hands on unread. Retries are the driver's (``max_retries=0``),
+    so injected faults and timeouts count the same way.
     """
+    yield STARTED
     corrupt = inject_fault(spec.faults, fault_seed(seed, attempt))
     set_threads(spec)
     bench = workbench(run_key, shared_box)
@@ -113,7 +118,13 @@ def train_task(
             factor.fill_(float("nan"))
     worker = worker_info(run_key)
     result.metrics["worker"] = worker
-    return {"client_id": init.client_id, "seconds": result.metrics["seconds"], **worker}, result
+    yield {"client_id": init.client_id, "seconds": result.metrics["seconds"], **worker}
+    yield result
+
+
+def client_status(task: ray.ObjectRefGenerator) -> dict[str, Any]:
+    """Wait for a ``train_task`` to end; its status (the task's error is raised)."""
+    return ray.get(list(task)[1])
 
 
 @ray.remote(max_calls=0)

@@ -90,13 +90,13 @@ def throughput(run_key: str, shared_box: list, clients: Clients, spec: Spec, lev
     """Every client round of ``clients`` through fedray's ``train_task``, ``level`` at a time."""
     spec = with_resources(spec, cores / level)
     started = time.perf_counter()
-    statuses = []
-    for slot, init in enumerate(clients.inits):
-        status_ref, _ = tasks.train_task.options(**task_resources(spec)).remote(
+    launched = [
+        tasks.train_task.options(**task_resources(spec)).remote(
             run_key, shared_box, init, clients.shards[slot], spec, clients.head, clients.seeds[slot]
         )
-        statuses.append(status_ref)
-    done = ray.get(statuses)
+        for slot, init in enumerate(clients.inits)
+    ]
+    done = [tasks.client_status(task) for task in launched]
     wall_s = time.perf_counter() - started
     return {
         "level": level,

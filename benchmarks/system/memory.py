@@ -165,17 +165,17 @@ def measure(variant: str, concurrent: int, clients: Clients, shared_box: list, s
         started = time.perf_counter()
         warm_workers(run_key, shared_box if variant == "shared" else None, spec, concurrent)
         warm_up_s = time.perf_counter() - started
+        options = {"num_cpus": spec.resources.num_cpus}
         pending = []
         for slot in range(concurrent):
             args = (clients.inits[slot], clients.shards[slot], spec, clients.head, clients.seeds[slot])
             if variant == "shared":
-                status_ref, _ = tasks.train_task.options(num_cpus=spec.resources.num_cpus).remote(
-                    run_key, shared_box, *args
-                )
-                pending.append(status_ref)
+                pending.append(tasks.train_task.options(**options).remote(run_key, shared_box, *args))
             else:
-                pending.append(naive_client.options(num_cpus=spec.resources.num_cpus).remote(shared_box, *args))
-        ray.get(pending)
+                pending.append(naive_client.options(**options).remote(shared_box, *args))
+        wait = tasks.client_status if variant == "shared" else ray.get
+        for task in pending:
+            wait(task)
         clients_s = time.perf_counter() - started - warm_up_s
     peak = memory.peak()
     return {
