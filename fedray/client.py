@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from peft import LoraConfig
-from sklearn.metrics import f1_score
 from transformers.pytorch_utils import Conv1D
 
 from fedray.config import Spec, TrainSpec
@@ -244,6 +243,10 @@ class Workbench:
         return head
 
     def _evaluate_classification(self, batches) -> dict[str, float]:
+        # Here, not at the top: scikit-learn and SciPy add seconds to every worker's start,
+        # and most workers only train.
+        from sklearn.metrics import f1_score
+
         losses, predictions, labels = [], [], []
         for batch in batches:
             batch = {key: value.to(self.device) for key, value in batch.items()}
