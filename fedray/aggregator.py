@@ -23,11 +23,11 @@ from typing import Any
 import ray
 import torch
 
-from fedray.client import ClientResult
 from fedray.config import Spec
 from fedray.live_metrics import LiveMetrics
 from fedray.methods import ClientInit, ClientUpdate, create_method
 from fedray.methods.lowrank import LowRank, fro_norm
+from fedray.results import ClientResult
 from fedray.tracking import Tracker
 
 #: Marks the end of a round's results in the actor's queue.

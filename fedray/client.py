@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,20 +30,12 @@ from fedray.config import Spec, TrainSpec
 from fedray.data import TextDataset, make_batches
 from fedray.methods import ClientInit, ClientUpdate
 from fedray.models import HEAD_MODULES, SharedBase, build_model, lora_model, target_layers
+from fedray.results import ClientResult
 
 #: Prefix of the modules peft puts around the model.
 PEFT_PREFIX = "base_model.model."
 #: ru_maxrss is in KiB on Linux and in bytes on macOS.
 RSS_UNIT_BYTES = 1 if sys.platform == "darwin" else 1024
-
-
-@dataclass
-class ClientResult:
-    """What a client task returns: the method's update, its head and its metrics."""
-
-    update: ClientUpdate
-    head: dict[str, torch.Tensor] | None
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def head_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,9 +16,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedray.data import create_partitioner
 from fedray.methods import METHODS, create_method, method_options
-from fedray.models import Pooling
+
+#: How a classification head reads the encoder: ``cls`` is the architecture's own head
+#: (BERT: the pooler on the first token), ``mean`` the attention-masked mean of the last
+#: hidden states, ``auto`` what the model was trained with (its sentence-transformers
+#: pooling config when it ships one, else ``cls``).
+Pooling = Literal["auto", "cls", "mean"]
 
 #: How many ``extends`` links a spec may chain.
 MAX_EXTENDS_DEPTH = 8
@@ -161,6 +165,8 @@ class Spec(_Strict):
         # Building the method on a tiny probe layer checks the option values too.
         probe = {"probe": (self.max_rank, self.max_rank)}
         create_method(self.method, probe, self.max_rank, scale=self.scale, **self.method_options)
+        from fedray.data import create_partitioner  # here: the module pulls in pandas and datasets
+
         try:
             create_partitioner(self.partition, **self.partition_options)
         except (ValueError, TypeError) as error:

@@ -42,13 +42,10 @@ from transformers.models.bert import BertConfig, BertModel, BertPreTrainedModel
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
+from fedray.config import Pooling
+
 Task = Literal["classification", "generation"]
 TASKS: tuple[Task, ...] = get_args(Task)
-#: How a classification head reads the encoder: ``cls`` is the architecture's own head
-#: (BERT: the pooler on the first token), ``mean`` the attention-masked mean of the last
-#: hidden states, ``auto`` what the model was trained with (its sentence-transformers
-#: pooling config when it ships one, else ``cls``).
-Pooling = Literal["auto", "cls", "mean"]
 POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
 #: The sentence-transformers file that says how a sentence encoder pools its tokens.
 SENTENCE_POOLING_CONFIG = "1_Pooling/config.json"

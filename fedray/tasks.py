@@ -21,9 +21,10 @@ import ray
 import torch
 
 from fedray import job
-from fedray.client import ClientResult, Workbench
+from fedray.client import Workbench
 from fedray.config import FaultSpec, Spec
 from fedray.methods import ClientInit
+from fedray.results import ClientResult
 
 #: Runs whose workbench one process keeps at once. Small: a GPU worker's workbench holds a
 #: device copy of its base, and an older run's model is of no further use.

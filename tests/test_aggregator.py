@@ -7,9 +7,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fedray.aggregator import Aggregator
-from fedray.client import ClientResult
 from fedray.config import load_spec
 from fedray.methods import ClientUpdate
+from fedray.results import ClientResult
 
 SHAPES = {"layer.0": (6, 5), "layer.1": (4, 7)}
 CLIENTS = [3, 0, 4, 1, 2]  # the round's sample, in the order begin_round is given (the driver's: by id)
