@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 import ray
 import torch
+from start_line import StartLine
 
 from fedray import job, server, tasks
 from fedray.client import head_state
@@ -241,20 +242,6 @@ def with_resources(spec: Spec, num_cpus: float, num_gpus: float = 0.0) -> Spec:
 def task_resources(spec: Spec) -> dict[str, float]:
     """The Ray options fedray's server gives a client task of ``spec``."""
     return {"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus}
-
-
-@ray.remote(num_cpus=0)
-class StartLine:
-    """Counts the warm-up tasks that have started, so that each can wait for all of them."""
-
-    def __init__(self) -> None:
-        self.started = 0
-
-    def arrive(self) -> None:
-        self.started += 1
-
-    def count(self) -> int:
-        return self.started
 
 
 @ray.remote(max_calls=0)
