@@ -97,7 +97,9 @@ class FaultSpec(_Strict):
 class ReliabilitySpec(_Strict):
     """How the server treats slow, failing and untrustworthy clients."""
 
-    client_timeout_s: float | None = Field(None, gt=0, description="a client task running longer is cancelled")
+    client_timeout_s: float | None = Field(
+        None, gt=0, description="a client task running longer (from its start on a worker) is cancelled"
+    )
     client_retries: int = Field(1, ge=0, description="times a failed or timed-out client task is retried")
     min_clients_per_round: int = Field(1, ge=1, description="fewer surviving clients re-run the round")
     round_attempts: int = Field(3, ge=1, description="samples tried for one round before the run stops")
