@@ -125,7 +125,8 @@ def train_task(
 
 def client_status(task: ray.ObjectRefGenerator) -> dict[str, Any]:
     """Wait for a ``train_task`` to end; its status (the task's error is raised)."""
-    return ray.get(list(task)[1])
+    refs = list(task)[:2]  # STARTED and the status; a failed task's last ref is its error
+    return ray.get(refs)[-1]
 
 
 @ray.remote(max_calls=0)
