@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import ray
 import torch
 from mlflow.tracking import MlflowClient
@@ -68,3 +71,11 @@ def test_a_round_aggregates_in_sample_order_whatever_order_clients_finish_in(ray
             assert torch.equal(head["classifier.weight"], other_head["classifier.weight"]), (method, arrival)
             assert other_metrics["train_loss"] == metrics["train_loss"]
         ray.kill(aggregator)
+
+
+def test_the_actor_starts_without_the_model_stack():
+    # Every run starts a fresh actor process: transformers, peft and scikit-learn are seconds of it.
+    check = "import sys, fedray.aggregator; print(sorted({'transformers', 'peft', 'sklearn'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
