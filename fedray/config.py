@@ -23,6 +23,8 @@ from fedray.methods import METHODS, create_method, method_options
 #: hidden states, ``auto`` what the model was trained with (its sentence-transformers
 #: pooling config when it ships one, else ``cls``).
 Pooling = Literal["auto", "cls", "mean"]
+#: What a dataset asks of the model: a label per text, or a continuation of a prompt.
+Task = Literal["classification", "generation"]
 
 #: How many ``extends`` links a spec may chain.
 MAX_EXTENDS_DEPTH = 8
