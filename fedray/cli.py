@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.spec:
         parser.error("name a spec file (e.g. jobs/quickstart.yaml) or --resume RUN_DIR")
 
-    from fedray.server import RunFailed, resume, run
+    from fedray.driver.lifecycle import RunFailed, resume, run
 
     try:
         if args.resume:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(experiment: str, tracking_uri: str | None, out: str | None) -> int:
-    from fedray.report import write_report
+    from fedray.tracking.report import write_report
 
     try:
         report = write_report(experiment, tracking_uri=tracking_uri, out_dir=out)

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedray.methods import METHODS, create_method, method_options
+from fedray.ranks import ResourceTier, check_rank_split
 
 #: How a classification head reads the encoder: ``cls`` is the architecture's own head
 #: (BERT: the pooler on the first token), ``mean`` the attention-masked mean of the last
@@ -175,30 +176,14 @@ class Spec(_Strict):
             create_partitioner(self.partition, **self.partition_options)
         except (ValueError, TypeError) as error:
             raise ValueError(f"partition_options do not fit partition={self.partition}: {error}") from None
-        for rank in self.ranks:
-            if not 1 <= rank <= self.max_rank:
-                raise ValueError(f"ranks contains {rank}; every rank must be in [1, max_rank={self.max_rank}]")
-        if self.rank_proportions is not None:
-            if len(self.rank_proportions) != len(self.ranks):
-                raise ValueError(
-                    f"rank_proportions has {len(self.rank_proportions)} entries but ranks has {len(self.ranks)}"
-                )
-            if any(p < 0 for p in self.rank_proportions) or abs(sum(self.rank_proportions) - 1) > 1e-6:
-                raise ValueError(f"rank_proportions {self.rank_proportions} must be non-negative and sum to 1")
+        tiers = None
         if self.rank_tiers is not None:
-            if self.rank_proportions is not None:
-                raise ValueError("rank_proportions and rank_tiers both split clients; give one of them")
-            if not self.rank_tiers:
-                raise ValueError("rank_tiers is empty; give at least one {name, memory_gb, share} or leave it out")
-            names = [tier.name for tier in self.rank_tiers]
-            if len(set(names)) != len(names):
-                raise ValueError(f"rank_tiers names {names} repeat; give each tier a distinct name")
-            if abs(sum(tier.share for tier in self.rank_tiers) - 1) > 1e-6:
-                raise ValueError(f"rank_tiers shares {[tier.share for tier in self.rank_tiers]} must sum to 1")
-        if self.method == "fedit" and set(self.ranks) != {self.max_rank}:
-            raise ValueError(
-                f"method fedit is homogeneous: set ranks=[{self.max_rank}] (= max_rank) or pick a heterogeneous method"
-            )
+            tiers = [ResourceTier(tier.name, tier.memory_gb, tier.share) for tier in self.rank_tiers]
+        try:
+            check_rank_split(max_rank=self.max_rank, ranks=self.ranks, proportions=self.rank_proportions, tiers=tiers)
+        except ValueError as error:
+            raise ValueError(f"ranks, rank_proportions or rank_tiers: {error}") from None
+        METHODS[self.method].check_client_ranks(self.ranks, self.max_rank)
         if isinstance(self.clients_per_round, float) and self.clients_per_round > 1:
             raise ValueError(f"clients_per_round={self.clients_per_round}: a fraction must be in (0, 1]")
         if self.reliability.min_clients_per_round > self.sampled_clients:

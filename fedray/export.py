@@ -1,4 +1,4 @@
-"""What a finished run leaves behind: its global model as a standard PEFT LoRA folder, and figures.
+"""A run's global model as a standard PEFT LoRA folder, and loading it back.
 
 ``export_adapter`` factors every layer's dense global delta into rank-R LoRA factors (the
 best rank-R approximation, Eckart-Young) and writes them, with the trained task head, as
@@ -9,9 +9,6 @@ The run's single scale ``s`` becomes ``lora_alpha = s * R`` so that peft's
 The folder also holds ``fedray_base.json``, the ``ModelSpec`` of the base it was trained
 on (a mean-pooled head is not what ``AutoModelForSequenceClassification`` builds);
 ``load_adapter(folder)`` rebuilds that base and loads the adapter onto it.
-
-``plot_module_similarity`` draws Fed-PLoRA's module-alignment heatmap: how similar module
-j of one client is to module j' of another after the last round.
 """
 
 from __future__ import annotations
@@ -19,41 +16,25 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib import colormaps
-from matplotlib.colors import Colormap
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from peft import LoraConfig, PeftModel, TaskType
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from fedray.methods.lowrank import Fold, LowRank, svd
-from fedray.models import ModelSpec, load_base, lora_model, peft_quietly, target_layers
+from fedray.models import PEFT_PREFIX, ModelSpec, load_base, lora_model, peft_quietly, target_layers
 
-#: Prefix of the modules peft puts around the model.
-PEFT_PREFIX = "base_model.model."
 #: File in the adapter folder that names the base model (a ``ModelSpec`` as JSON).
 BASE_SPEC_FILE = "fedray_base.json"
 #: Name of the one adapter an export holds (peft's default, dropped from the saved keys).
 ADAPTER_NAME = "default"
 #: Model-class name endings -> the peft task type that restores that model class's head.
 TASK_TYPES = {"ForSequenceClassification": TaskType.SEQ_CLS, "ForCausalLM": TaskType.CAUSAL_LM}
-#: Colour range of the similarity heatmap: cosine similarities lie in [-1, 1].
-SIMILARITY_RANGE = (-1.0, 1.0)
-#: Sequential colour map: aligned modules (similarity near 1) show bright, as in the paper's figure.
-COLOUR_MAP = "viridis"
-#: Colour of heatmap cells no pair of clients covers (NaN); viridis has no white.
-MISSING_COLOUR = "white"
-#: Size of the heatmap figure in inches.
-FIGURE_SIZE_IN = (6.0, 5.0)
-#: Resolution of the saved PNG.
-FIGURE_DPI = 120
 
 
 @dataclass(frozen=True)
@@ -106,7 +87,7 @@ def export_adapter(
         dropped_sq += layer_dropped_sq
         total_sq += layer_total_sq
 
-    # A head is named by its top-level module (classifier, score), as in fedray.client. A task
+    # A head is named by its top-level module (classifier, score), as in fedray.models.HEAD_MODULES. A task
     # type of SEQ_CLS makes peft save that module even without a trained head.
     head_modules = sorted({name.split(".")[0] for name in head}) if head else None
     config = LoraConfig(
@@ -146,46 +127,6 @@ def load_adapter(folder: str | Path) -> PeftModel:
     base = load_base(ModelSpec(**json.loads(spec_file.read_text())))
     with peft_quietly():
         return PeftModel.from_pretrained(base.model, str(folder)).eval()
-
-
-def plot_module_similarity(
-    client_modules: Sequence[Mapping[int, Tensor]],
-    out_png: str | Path,
-    *,
-    max_rank: int,
-    title: str,
-) -> np.ndarray:
-    """Heatmap of Fed-PLoRA module alignment across clients; returns the R x R matrix it draws.
-
-    ``client_modules[a][j]`` is client a's trained module j as one vector (its B column and
-    A row of every layer, concatenated). ``M[j, j']`` is the mean cosine similarity of module
-    j of client a and module j' of client b over every pair of different clients a != b
-    that trained j and j' respectively; NaN where no such pair exists.
-    """
-    if max_rank < 1:
-        raise ValueError(f"max_rank={max_rank} is invalid; pass the run's global LoRA rank, 1 or more.")
-    lengths = {vector.numel() for modules in client_modules for vector in modules.values()}
-    if len(lengths) > 1:
-        raise ValueError(
-            f"module vectors have different lengths {sorted(lengths)}; every module must concatenate the same layers."
-        )
-    # Sum over ordered pairs a != b = (sum over all a, b) - (sum over a = b), so one pass over
-    # the clients holds a single R x D sum, never every client's vectors at once.
-    summed_units = torch.zeros(max_rank, lengths.pop() if lengths else 0, dtype=torch.float64)
-    summed_trained = torch.zeros(max_rank, dtype=torch.float64)
-    cosine_sum = torch.zeros(max_rank, max_rank, dtype=torch.float64)
-    pair_counts = torch.zeros(max_rank, max_rank, dtype=torch.float64)
-    for modules in client_modules:
-        units, trained = _unit_module_vectors(modules, summed_units.shape)
-        summed_units += units
-        summed_trained += trained
-        cosine_sum -= units @ units.T
-        pair_counts -= torch.outer(trained, trained)
-    cosine_sum += summed_units @ summed_units.T
-    pair_counts += torch.outer(summed_trained, summed_trained)
-    similarity = torch.where(pair_counts > 0, cosine_sum / pair_counts.clamp(min=1), torch.nan).numpy()
-    _draw_heatmap(similarity, Path(out_png), title)
-    return similarity
 
 
 def _check_delta_shapes(model: PreTrainedModel, global_delta: Mapping[str, Fold]) -> None:
@@ -276,42 +217,3 @@ def _load_factors(peft_model: PeftModel, factors: Mapping[str, tuple[Tensor, Ten
         with torch.no_grad():
             wrapper.lora_B[ADAPTER_NAME].weight.copy_(B)
             wrapper.lora_A[ADAPTER_NAME].weight.copy_(A)
-
-
-def _unit_module_vectors(modules: Mapping[int, Tensor], shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """One client's R x D unit vectors (zeros where it did not train a module) and its 0/1 mask
-    of trained modules, in float64."""
-    max_rank = shape[0]
-    units = torch.zeros(shape, dtype=torch.float64)
-    trained = torch.zeros(max_rank, dtype=torch.float64)
-    for module, vector in modules.items():
-        if not 0 <= module < max_rank:
-            raise ValueError(f"module index {module} is outside 0..{max_rank - 1}; pass the run's max_rank.")
-        units[module] = torch.nn.functional.normalize(vector.detach().cpu().double().flatten(), dim=0)
-        trained[module] = 1.0
-    return units, trained
-
-
-def _draw_heatmap(similarity: np.ndarray, out_png: Path, title: str) -> None:
-    # A bare Figure renders with Agg and leaves pyplot's global state (and backend) alone.
-    figure = Figure(figsize=FIGURE_SIZE_IN)
-    axes = figure.add_subplot()
-    image = axes.imshow(
-        np.ma.masked_invalid(similarity),
-        cmap=_colour_map(),
-        vmin=SIMILARITY_RANGE[0],
-        vmax=SIMILARITY_RANGE[1],
-        origin="upper",
-    )
-    figure.colorbar(image, ax=axes, label="mean cosine similarity")
-    axes.set_xlabel("module j' (client b)")
-    axes.set_ylabel("module j (client a)")
-    axes.set_title(title)
-    for axis in (axes.xaxis, axes.yaxis):
-        axis.set_major_locator(MaxNLocator(integer=True))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=FIGURE_DPI, bbox_inches="tight")
-
-
-def _colour_map() -> Colormap:
-    return colormaps[COLOUR_MAP].with_extremes(bad=MISSING_COLOUR)

@@ -122,6 +122,40 @@ def counts_from_shares(num_items: int, shares: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
+def check_rank_split(
+    *,
+    max_rank: int,
+    ranks: Sequence[int] | None = None,
+    proportions: Sequence[float] | None = None,
+    tiers: Sequence[ResourceTier] | None = None,
+) -> None:
+    """Raise ValueError, naming what to change, if clients cannot be split this way.
+
+    Everything ``assign_ranks`` checks before it needs a model (the spec checks it before
+    anything loads): ranks in [1, max_rank] and listed once, one proportion per rank and
+    tier shares that sum to 1, distinct tier names, not both proportions and tiers.
+    """
+    if ranks is not None:
+        _check_ranks(ranks, max_rank=max_rank)
+    if tiers is not None:
+        if proportions is not None:
+            raise ValueError("proportions and tiers both split clients; give one of them (a tier has its own share).")
+        if not tiers:
+            raise ValueError("tiers is empty; give at least one tier (name, memory_gb, share) or leave tiers out.")
+        names = [tier.name for tier in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names {names} repeat; give each tier a distinct name.")
+        _check_shares([tier.share for tier in tiers], argument="tier shares")
+    elif proportions is not None:
+        if ranks is None:
+            raise ValueError("proportions were given without ranks; give ranks=[...] with one proportion each.")
+        if len(proportions) != len(ranks):
+            raise ValueError(
+                f"proportions has {len(proportions)} entries but ranks has {len(ranks)}; give one per rank."
+            )
+        _check_shares(proportions, argument="proportions")
+
+
 def _check_shares(shares: Sequence[float], *, argument: str) -> None:
     if any(share < 0 for share in shares):
         raise ValueError(f"{argument}={list(shares)} has a negative entry; use shares between 0 and 1.")
@@ -197,19 +231,13 @@ def assign_ranks(
         raise ValueError(f"num_clients={num_clients} must be at least 1.")
     if max_rank < 1:
         raise ValueError(f"max_rank={max_rank} must be at least 1.")
-    if ranks is not None:
-        _check_ranks(ranks, max_rank=max_rank)
+    check_rank_split(max_rank=max_rank, ranks=ranks, proportions=proportions, tiers=tiers)
     if tiers is not None:
-        client_ranks = _tier_client_ranks(num_clients, ranks, proportions, tiers, memory_model, max_rank=max_rank)
+        client_ranks = _tier_client_ranks(num_clients, ranks, tiers, memory_model, max_rank=max_rank)
     elif ranks is None:
-        if proportions is not None:
-            raise ValueError("proportions were given without ranks; give ranks=[...] with one proportion each.")
         return [max_rank] * num_clients
     else:
         shares = [1.0 / len(ranks)] * len(ranks) if proportions is None else list(proportions)
-        if len(shares) != len(ranks):
-            raise ValueError(f"proportions has {len(shares)} entries but ranks has {len(ranks)}; give one per rank.")
-        _check_shares(shares, argument="proportions")
         counts = counts_from_shares(num_clients, shares)
         client_ranks = [rank for rank, count in zip(ranks, counts, strict=True) for _ in range(count)]
     order = np.random.default_rng(seed).permutation(num_clients)
@@ -219,22 +247,14 @@ def assign_ranks(
 def _tier_client_ranks(
     num_clients: int,
     ranks: Sequence[int] | None,
-    proportions: Sequence[float] | None,
     tiers: Sequence[ResourceTier],
     memory_model: MemoryModel | None,
     *,
     max_rank: int,
 ) -> list[int]:
-    """Unshuffled client ranks, tier by tier."""
-    if proportions is not None:
-        raise ValueError("proportions apply to ranks, not tiers; give each tier its share instead.")
-    if not tiers:
-        raise ValueError("tiers is empty; give at least one ResourceTier(name, memory_gb, share).")
+    """Unshuffled client ranks, tier by tier (the tiers already checked)."""
     if memory_model is None:
         raise ValueError("tiers need memory_model=MemoryModel(...) to estimate what rank fits each tier's memory.")
-    if len({tier.name for tier in tiers}) != len(tiers):
-        raise ValueError(f"tier names {[tier.name for tier in tiers]} repeat; give each tier a distinct name.")
-    _check_shares([tier.share for tier in tiers], argument="tier shares")
     rank_of_tier = tier_ranks(
         tiers, candidate_ranks=list(ranks) if ranks else default_candidate_ranks(max_rank), memory_model=memory_model
     )

@@ -9,10 +9,11 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from fedray.aggregator import Aggregator
 from fedray.config import load_spec
+from fedray.driver.aggregator import Aggregator
+from fedray.methods import METHODS as REGISTRY
 from fedray.methods import ClientUpdate
-from fedray.results import ClientResult
+from fedray.worker.results import ClientResult
 
 SHAPES = {"layer.0": (6, 5), "layer.1": (4, 7)}
 CLIENTS = [3, 0, 4, 1, 2]  # the round's sample, in the order begin_round is given (the driver's: by id)
@@ -34,7 +35,8 @@ def _result(client: int, generator: torch.Generator) -> ClientResult:
     head = {"classifier.weight": torch.randn(2, 3, generator=generator)}
     worker = {"node_id": "n", "pid": client}
     metrics = {"seconds": 1.0 + client, "train_loss": float(torch.rand(1, generator=generator)), "worker": worker}
-    return ClientResult(update, head, metrics)
+    # A method hook's report, as HETLoRA's clients_pruned: the actor sums it over the round.
+    return ClientResult(update, head, metrics, {"hooked": float(client % 2)})
 
 
 def _round(aggregator, start: tuple, arrival: list[int]) -> tuple[dict, dict, dict]:
@@ -42,7 +44,7 @@ def _round(aggregator, start: tuple, arrival: list[int]) -> tuple[dict, dict, di
     ray.get(aggregator.load_state.remote(*start))
     for client in CLIENTS:
         ray.get(aggregator.client_init.remote(client, RANKS[client]))
-    ray.get(aggregator.begin_round.remote(False, CLIENTS))
+    ray.get(aggregator.begin_round.remote(CLIENTS))
     generator = torch.Generator().manual_seed(0)
     results = {client: _result(client, generator) for client in sorted(CLIENTS)}
     for client in arrival:
@@ -59,11 +61,14 @@ def test_a_round_aggregates_in_sample_order_whatever_order_clients_finish_in(ray
     first_head = {"classifier.weight": torch.zeros(2, 3)}
     MlflowClient(tracking_uri).search_experiments()  # a new store's tables, before two actors race to make them
     specs = {m: load_spec("jobs/quickstart.yaml", [f"method={m}", "max_rank=4", "ranks=[1,2,4]"]) for m in METHODS}
-    aggregators = {m: Aggregator.remote(spec, SHAPES, first_head, tracking_uri, "no-run") for m, spec in specs.items()}
+    aggregators = {
+        m: Aggregator.remote(spec, REGISTRY[m], SHAPES, first_head, tracking_uri, "no-run") for m, spec in specs.items()
+    }
     for method, aggregator in aggregators.items():
         start = ray.get(aggregator.state.remote())
         delta, head, metrics = _round(aggregator, start, CLIENTS)
         assert metrics["clients_ok"] == 4.0 and metrics["failures"] == {str(FAILED): "worker died"}
+        assert metrics["hooked"] == 2.0  # clients 1 and 3 of the survivors 0-3
         for arrival in ([2, 1, 4, 0, 3], [0, 4, 2, 3, 1]):
             other_delta, other_head, other_metrics = _round(aggregator, start, arrival)
             # Bit for bit: float sums in another order would differ in their last bits.
@@ -75,7 +80,9 @@ def test_a_round_aggregates_in_sample_order_whatever_order_clients_finish_in(ray
 
 def test_the_actor_starts_without_the_model_stack():
     # Every run starts a fresh actor process: transformers, peft and scikit-learn are seconds of it.
-    check = "import sys, fedray.aggregator; print(sorted({'transformers', 'peft', 'sklearn'} & set(sys.modules)))"
+    check = (
+        "import sys, fedray.driver.aggregator; print(sorted({'transformers', 'peft', 'sklearn'} & set(sys.modules)))"
+    )
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"

@@ -36,10 +36,10 @@ def test_method_specs_extend_the_quickstart():
         (["train.lrr=1"], "unknown spec field 'train.lrr'; did you mean 'train.lr'?"),
         (["rounds=many"], "invalid spec field 'rounds' = 'many': Input should be a valid integer"),
         (["method=lora"], "method 'lora' is unknown; choose one of"),
-        (["ranks=[2,32]"], "ranks contains 32; every rank must be in [1, max_rank=16]"),
+        (["ranks=[2,32]"], "rank 32 in ranks=[2, 32] exceeds max_rank=16"),
         (["clients_per_round=1.5"], "a fraction must be in (0, 1]"),
         (["clients_per_round=40"], "exceeds num_clients=20"),
-        (["method=fedit"], "method fedit is homogeneous: set ranks=[16]"),
+        (["method=fedit"], "fedit is the homogeneous baseline: every client must train at max_rank=16"),
         (["method_options.weighting=norm"], "method_options.weighting is not an option of fedplora"),
         (["method=hetlora", "method_options.weighting=size"], "weighting must be one of"),
         (["partition=iid"], "partition_options do not fit partition=iid"),
@@ -89,10 +89,10 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     "path", sorted(Path(__file__).resolve().parents[1].joinpath("jobs").glob("*.yaml")), ids=lambda p: p.name
 )
 def test_every_job_spec_validates_and_its_partition_splits(path):
-    from fedray import job
+    from fedray import inputs
     from fedray.data import create_partitioner
 
     spec = load_spec(path)
     partitioner = create_partitioner(spec.partition, **({"seed": spec.seed} | spec.partition_options))
-    partition = partitioner.partition(job.dataset_split(spec).train, spec.num_clients)
+    partition = partitioner.partition(inputs.dataset_split(spec).train, spec.num_clients)
     assert partition.num_clients == spec.num_clients

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from matplotlib.image import imread
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from fedray.client import Workbench
-from fedray.export import BASE_SPEC_FILE, ExportInfo, export_adapter, load_adapter, plot_module_similarity
+from fedray.export import BASE_SPEC_FILE, ExportInfo, export_adapter, load_adapter
 from fedray.methods.lowrank import LowRank
 from fedray.models import Base, ModelSpec, export_base, load_base
+from fedray.worker.workbench import Workbench
 
 SENTENCES = [
     "A gripping, beautifully acted drama that stays with you.",
@@ -37,10 +36,6 @@ RTOL = 1e-5
 #: The random delta must change the logits by far more than ATOL, or the round trip proves nothing.
 MIN_LOGIT_CHANGE = 1e-2
 #: Fed-PLoRA heatmap inputs: clients, modules and vector length.
-NUM_CLIENTS = 5
-PLORA_RANK = 6
-MODULE_LENGTH = 64
-NOISE_STD = 0.01
 
 
 def spec() -> ModelSpec:
@@ -270,63 +265,3 @@ def test_export_rejects_a_head_that_does_not_fit_the_model(
             source="m",
         )
     assert not (tmp_path / "adapter_config.json").exists()
-
-
-def plora_modules(seed: int, dropped: dict[int, set[int]] | None = None) -> list[dict[int, torch.Tensor]]:
-    """Module j of every client = the same j-th orthonormal direction + small noise."""
-    generator = torch.Generator().manual_seed(seed)
-    directions, _ = torch.linalg.qr(torch.randn(MODULE_LENGTH, PLORA_RANK, generator=generator))
-    clients = []
-    for client in range(NUM_CLIENTS):
-        modules = {}
-        for module in range(PLORA_RANK):
-            if module in (dropped or {}).get(client, set()):
-                continue
-            noise = torch.randn(MODULE_LENGTH, generator=generator) * NOISE_STD
-            modules[module] = (directions[:, module] + noise) * (client + 1)  # cosine ignores size
-        clients.append(modules)
-    return clients
-
-
-def test_module_similarity_has_a_bright_diagonal(tmp_path: Path) -> None:
-    out_png = tmp_path / "figures" / "similarity.png"
-    similarity = plot_module_similarity(plora_modules(seed=0), out_png, max_rank=PLORA_RANK, title="Fed-PLoRA")
-
-    assert similarity.shape == (PLORA_RANK, PLORA_RANK)
-    off_diagonal = ~np.eye(PLORA_RANK, dtype=bool)
-    assert np.all(np.diag(similarity) > 0.99)
-    assert np.all(np.abs(similarity[off_diagonal]) < 0.05)
-    image = imread(out_png)
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100 and image.shape[2] in (3, 4)
-
-
-def test_module_similarity_averages_pairs_of_different_clients_only(tmp_path: Path) -> None:
-    # Module 0 is trained by client 0 alone: no pair of different clients covers (0, 0).
-    dropped = {client: {0} for client in range(1, NUM_CLIENTS)}
-    clients = plora_modules(seed=1, dropped=dropped)
-    # Client 0's module 1 points the opposite way, so it pulls M[1, 1] down if paired with itself.
-    clients[0][1] = -clients[0][1]
-    similarity = plot_module_similarity(clients, tmp_path / "s.png", max_rank=PLORA_RANK, title="t")
-
-    assert np.isnan(similarity[0, 0])
-    assert not np.isnan(similarity[0, 1])
-    np.testing.assert_allclose(similarity, similarity.T, equal_nan=True)
-    # Independent pairwise mean for M[1, 1] and M[0, 2].
-    for j, k in [(1, 1), (0, 2)]:
-        cosines = [
-            float(torch.nn.functional.cosine_similarity(clients[a][j].double(), clients[b][k].double(), dim=0))
-            for a in range(NUM_CLIENTS)
-            for b in range(NUM_CLIENTS)
-            if a != b and j in clients[a] and k in clients[b]
-        ]
-        assert similarity[j, k] == pytest.approx(np.mean(cosines), abs=1e-9)
-    # Ordered pairs that include client 0 have cosine -1, the rest +1.
-    flipped_share = 2 / NUM_CLIENTS
-    assert similarity[1, 1] == pytest.approx((1 - flipped_share) - flipped_share, abs=0.02)
-
-
-def test_module_similarity_rejects_modules_outside_the_rank(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="outside"):
-        plot_module_similarity(
-            [{PLORA_RANK: torch.ones(3)}, {0: torch.ones(3)}], tmp_path / "s.png", max_rank=PLORA_RANK, title="t"
-        )

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fedray import job
 from fedray.config import validate_spec
-from fedray.server import run
+from fedray.driver.lifecycle import run
+from fedray.driver.sampling import sample_clients
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
@@ -87,7 +87,7 @@ def test_smoke_run_does_fedrays_work(peer_smoke, ray_session, tracking_uri, tmp_
     summary = run(spec, run_dir=tmp_path / "run", tracking_uri=tracking_uri, progress=False)
     ours = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
     for round_index, (fedray_round, flower_round) in enumerate(zip(ours, result["rounds"], strict=True)):
-        assert flower_round["clients"] == fedray_round["clients"] == job.sample_clients(spec, round_index)
+        assert flower_round["clients"] == fedray_round["clients"] == sample_clients(spec, round_index)
         # Same starts, shards, seeds and steps: equal up to float32 rounding of the averages.
         assert flower_round["train_loss"] == pytest.approx(fedray_round["train_loss"], abs=1e-5)
         assert flower_round["eval_loss"] == pytest.approx(fedray_round["eval_loss"], abs=1e-5)

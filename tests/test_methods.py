@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedray.methods import METHODS, ClientUpdate, create_method, load_state, save_state
+from fedray.methods.base import NO_HOOK
 
 SHAPES = {"q": (12, 10), "v": (8, 10)}
 SCALE = 2.0
@@ -57,7 +58,16 @@ def ranks_for(name: str, num_clients: int, max_rank: int, seed: int = 0) -> list
 
 
 def expected_global(
-    name, shapes, method, method_state_before, before, inits, updates, layer, weighting="norm", weighted=False
+    name,
+    shapes,
+    method,
+    method_state_before,
+    before,
+    updates,
+    layer,
+    modules=None,
+    weighting="norm",
+    weighted=False,
 ):
     """The new global delta of ``layer`` straight from the formulas of METHODS.md."""
     total = sum(u.num_examples for u in updates)
@@ -90,8 +100,8 @@ def expected_global(
     delta = torch.zeros(d, k, dtype=torch.float64)
     for j in range(R):
         pairs = []
-        for init, update, pi in zip(inits, updates, p):
-            picked = init.modules[layer].tolist()
+        for chosen, update, pi in zip(modules, updates, p):
+            picked = chosen[layer].tolist()
             if j in picked:
                 column = picked.index(j)
                 weight = pi if weighted else 1.0
@@ -184,8 +194,8 @@ def test_fedplora_client_starts_from_the_global_model(rank):
     init = method.client_init("c", rank)
     for layer, delta in init.effective_delta().items():
         torch.testing.assert_close(delta, global_delta[layer], rtol=1e-5, atol=1e-6)
-        assert init.modules[layer].numel() == rank
-        assert len(set(init.modules[layer].tolist())) == rank
+        assert method.modules_of("c")[layer].numel() == rank
+        assert len(set(method.modules_of("c")[layer].tolist())) == rank
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -240,10 +250,11 @@ def test_round_matches_the_formulas(name, options, run):
         ranks = ranks_for(name, len(examples), max_rank, seed + round_index)
         state_before = method.state_dict()
         before, inits, updates = play_round(method, ranks, examples, generator)
+        modules = [method.modules_of(init.client_id) for init in inits] if name == "fedplora" else None
         stats = method.aggregate(u for u in updates)
         after = method.global_delta()
         for layer in shapes:
-            expected = expected_global(name, shapes, method, state_before, before, inits, updates, layer, **options)
+            expected = expected_global(name, shapes, method, state_before, before, updates, layer, modules, **options)
             torch.testing.assert_close(after[layer].double(), expected, rtol=1e-4, atol=1e-5)
 
         # Noise figures, from their definitions.
@@ -345,7 +356,7 @@ def test_duplicate_update_and_double_init_are_rejected():
 
 def test_fedit_refuses_unequal_ranks():
     method = create_method("fedit", SHAPES, 8)
-    with pytest.raises(ValueError, match=r"homogeneous baseline.*max_rank=8.*rank 4"):
+    with pytest.raises(ValueError, match=r"client 'c': fedit is the homogeneous baseline.*max_rank=8.*ranks are \[4\]"):
         method.client_init("c", 4)
 
 
@@ -414,7 +425,8 @@ def test_fedplora_selection_is_uniform_and_fresh_each_round():
     counts = torch.zeros(R)
     selections = []
     for client in range(draws):
-        chosen = method.client_init(client, rank).modules["q"]
+        method.client_init(client, rank)
+        chosen = method.modules_of(client)["q"]
         assert len(set(chosen.tolist())) == rank
         counts[chosen] += 1
         selections.append(tuple(chosen.tolist()))
@@ -448,9 +460,9 @@ def test_fedplora_untrained_modules_keep_their_values():
     method.aggregate(play_round(method, [8], [1], generator)[2])
     before = method.state_dict()["tensors"]
     init = method.client_init(0, 2)
+    picked = method.modules_of(0)["q"].tolist()
     method.aggregate([ClientUpdate(0, 2, 1, *perturbed(init, generator))])
     after = method.state_dict()["tensors"]
-    picked = init.modules["q"].tolist()
     for j in range(8):
         same = torch.equal(before["global.q.A"][j], after["global.q.A"][j])
         assert same == (j not in picked)
@@ -494,10 +506,10 @@ def test_hetlora_revives_components_no_client_covered():
 def _prune(init):
     """A client that pruned its tail: its start, cut to the kept components, plus noise."""
     B, A = perturbed(init, torch.Generator().manual_seed(7))
-    keep = init.tail_penalty.keep
+    keep = init.hook.keep
     return ClientUpdate(
         init.client_id,
-        init.pruned_ranks(),
+        init.hook.shrunk_ranks(init.layer_ranks()),
         3,
         {layer: B[layer][:, : keep[layer]] for layer in B},
         {layer: A[layer][: keep[layer]] for layer in A},
@@ -507,9 +519,9 @@ def _prune(init):
 def test_hetlora_self_pruning_shrinks_the_client_and_survives_a_checkpoint(tmp_path):
     method = create_method("hetlora", SHAPES, 6, scale=SCALE, seed=0, prune_weight=0.1, prune_gamma=0.5)
     pruner, keeper, smallest = method.client_init(0, 4), method.client_init(1, 6), method.client_init(2, 1)
-    assert pruner.tail_penalty.weight == 0.1 and dict(pruner.tail_penalty.keep) == {"q": 2, "v": 2}
-    assert dict(keeper.tail_penalty.keep) == {"q": 3, "v": 3}
-    assert smallest.tail_penalty is None  # rank 1 has no tail to prune
+    assert pruner.hook.weight == 0.1 and dict(pruner.hook.keep) == {"q": 2, "v": 2}
+    assert dict(keeper.hook.keep) == {"q": 3, "v": 3}
+    assert smallest.hook is NO_HOOK  # rank 1 has no tail to prune
     pruned = _prune(pruner)
     kept = ClientUpdate(1, 6, 5, *perturbed(keeper, torch.Generator().manual_seed(8)))
     small = ClientUpdate(2, 1, 2, *perturbed(smallest, torch.Generator().manual_seed(9)))
@@ -535,7 +547,7 @@ def test_hetlora_self_pruning_shrinks_the_client_and_survives_a_checkpoint(tmp_p
     # From now on client 0 trains at rank 2, whatever it asks for, and may prune to 1.
     again = restored.client_init(0, 4)
     assert again.rank == {"q": 2, "v": 2} and again.B["q"].shape == (12, 2)
-    assert dict(again.tail_penalty.keep) == {"q": 1, "v": 1}
+    assert dict(again.hook.keep) == {"q": 1, "v": 1}
     assert restored.client_init(1, 6).B["q"].shape == (12, 6)
 
 
@@ -544,12 +556,12 @@ def test_hetlora_rejects_a_rank_the_client_was_not_offered():
     init = method.client_init(0, 4)
     B, A = perturbed(init, torch.Generator())
     cut = ClientUpdate(0, 3, 1, {k: v[:, :3] for k, v in B.items()}, {k: v[:3] for k, v in A.items()})
-    with pytest.raises(ValueError, match=r"initialised at \{'q': 4, 'v': 4\} \(or \{'q': 2, 'v': 2\} if pruned\)"):
+    with pytest.raises(ValueError, match=r"initialised at \{'q': 4, 'v': 4\} \(or \{'q': 2, 'v': 2\} if shrunk\)"):
         method.aggregate([cut])
     # Without self-pruning, a smaller update is refused outright.
     plain = create_method("hetlora", SHAPES, 6)
     init = plain.client_init(0, 4)
-    assert init.tail_penalty is None
+    assert init.hook is NO_HOOK
     with pytest.raises(ValueError, match=r"initialised at \{'q': 4, 'v': 4\}$"):
         plain.aggregate([ClientUpdate(0, 2, 1, {k: v[:, :2] for k, v in B.items()}, {k: v[:2] for k, v in A.items()})])
 

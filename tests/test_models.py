@@ -148,14 +148,14 @@ def test_loading_is_quiet_about_the_new_head_and_warns_of_real_gaps(
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=32)).save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the new "score" head and the unused LM head are expected
-        models._from_pretrained(GPT2ForSequenceClassification, tmp_path, num_labels=2)
+        models.registry._from_pretrained(GPT2ForSequenceClassification, tmp_path, num_labels=2)
     assert "LOAD REPORT" not in caplog.text
 
     weights = load_file(tmp_path / "model.safetensors")
     del weights["transformer.h.0.mlp.c_fc.weight"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.warns(UserWarning, match=r"1 weights .* not in the checkpoint .*h\.0\.mlp\.c_fc\.weight"):
-        models._from_pretrained(GPT2ForSequenceClassification, tmp_path, num_labels=2)
+        models.registry._from_pretrained(GPT2ForSequenceClassification, tmp_path, num_labels=2)
 
 
 def test_minilm_default_targets_are_query_and_value(minilm: models.Base) -> None:
@@ -291,7 +291,7 @@ def test_smollm2_converts_once_into_the_cache(
     def convert_again(*_: object) -> None:
         raise AssertionError("converted the GGUF file a second time")
 
-    monkeypatch.setattr(models, "_convert_gguf", convert_again)
+    monkeypatch.setattr(models.gguf, "_convert_gguf", convert_again)
     start = time.perf_counter()
     again = load_base(ModelSpec(name="smollm2-135m", task="generation"), cache_dir=smollm2_cache)
     cached_load_s = time.perf_counter() - start
@@ -350,16 +350,16 @@ def test_failed_conversion_leaves_no_cache_and_a_done_one_is_reused(
     def completes(_: Path, folder: Path) -> None:
         (folder / "config.json").write_text("{}")
 
-    monkeypatch.setattr(models, "_convert_gguf", interrupted)
+    monkeypatch.setattr(models.gguf, "_convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        models._converted_gguf(gguf, cache)
+        models.gguf._converted_gguf(gguf, cache)
     assert list((cache / "converted").iterdir()) == []
 
-    monkeypatch.setattr(models, "_convert_gguf", completes)
-    folder = models._converted_gguf(gguf, cache)
-    monkeypatch.setattr(models, "_convert_gguf", interrupted)
+    monkeypatch.setattr(models.gguf, "_convert_gguf", completes)
+    folder = models.gguf._converted_gguf(gguf, cache)
+    monkeypatch.setattr(models.gguf, "_convert_gguf", interrupted)
 
-    assert models._converted_gguf(gguf, cache) == folder
+    assert models.gguf._converted_gguf(gguf, cache) == folder
     assert [path.name for path in (cache / "converted").iterdir()] == ["tiny.Q4"]
     assert (folder / "config.json").read_text() == "{}"
 

@@ -23,12 +23,12 @@ TINY_RUN = [
     "eval.every=2", "eval.max_examples=8", "resources.num_cpus=1",
 ]  # fmt: skip
 
-#: Runs fedray.server.run on the cluster; prints the summary's worker_builds and the live nodes.
+#: Runs fedray.driver.lifecycle.run on the cluster; prints the summary's worker_builds and the live nodes.
 RUN_SCRIPT = """
 import json, sys
 import ray
 from fedray.config import load_spec
-from fedray.server import run
+from fedray.driver.lifecycle import run
 
 address, run_dir, tracking_uri, *overrides = sys.argv[1:]
 summary = run(load_spec("jobs/quickstart.yaml", overrides), run_dir=run_dir, tracking_uri=tracking_uri,

@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from fedray import job
+from fedray import inputs
 from fedray.config import SpecError, load_spec
+from fedray.driver.prepare import client_ranks, memory_model, prepare
 from fedray.models import load_base
-from fedray.server import prepare
 
 QUICKSTART = "jobs/quickstart.yaml"
 SMALL = ("num_clients=10", "partition=iid", "partition_options={}", "dataset_options.max_examples=400")
@@ -24,25 +24,25 @@ def tiers(*entries: tuple[str, float, float]) -> str:
 @pytest.fixture(scope="module")
 def base():
     spec = load_spec(QUICKSTART, SMALL)
-    return load_base(job.model_spec(spec, job.dataset_split(spec)))
+    return load_base(inputs.model_spec(spec, inputs.dataset_split(spec)))
 
 
 def test_each_tier_trains_at_the_largest_rank_its_memory_fits(base) -> None:
-    memory = job.memory_model(load_spec(QUICKSTART, SMALL), base)
+    memory = memory_model(load_spec(QUICKSTART, SMALL), base)
     # Just enough for rank 4 (not 8), and plenty.
     tight_gb = (memory.bytes_for_rank(4) + memory.bytes_for_rank(8)) / 2 / 1e9
     spec = load_spec(QUICKSTART, [*SMALL, tiers(("phone", tight_gb, 0.3), ("laptop", 100.0, 0.7))])
 
     prepared = prepare(spec)
 
-    assert Counter(prepared["ranks"]) == {4: 3, 16: 7}
-    assert [stats["rank"] for stats in prepared["partition"].stats] == prepared["ranks"]
+    assert Counter(prepared.client_ranks) == {4: 3, 16: 7}
+    assert [stats["rank"] for stats in prepared.partition.stats] == prepared.client_ranks
 
 
 def test_memory_model_counts_the_base_the_optimizer_and_the_head(base) -> None:
-    adam = job.memory_model(load_spec(QUICKSTART, SMALL), base)
-    sgd = job.memory_model(load_spec(QUICKSTART, [*SMALL, "train.optimizer=sgd"]), base)
-    momentum = job.memory_model(load_spec(QUICKSTART, [*SMALL, "train.optimizer=sgd", "train.momentum=0.9"]), base)
+    adam = memory_model(load_spec(QUICKSTART, SMALL), base)
+    sgd = memory_model(load_spec(QUICKSTART, [*SMALL, "train.optimizer=sgd"]), base)
+    momentum = memory_model(load_spec(QUICKSTART, [*SMALL, "train.optimizer=sgd", "train.momentum=0.9"]), base)
 
     assert adam.base_param_count == sum(weight.numel() for weight in base.model.parameters())
     assert adam.base_bytes_per_param == 4  # MiniLM's float32 weights
@@ -56,7 +56,7 @@ def test_memory_model_counts_the_base_the_optimizer_and_the_head(base) -> None:
 def test_a_tier_too_small_for_any_rank_names_the_tier_and_the_memory_that_works(base) -> None:
     spec = load_spec(QUICKSTART, [*SMALL, tiers(("watch", 0.01, 0.5), ("laptop", 100.0, 0.5))])
     with pytest.raises(ValueError, match=r"rank_tiers: Tier 'watch' has memory_gb=0.01.*at least 0\.\d+"):
-        job.client_ranks(spec, base)
+        client_ranks(spec, base)
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,7 @@ def test_a_tier_too_small_for_any_rank_names_the_tier_and_the_memory_that_works(
     [
         (tiers(("a", 1.0, 0.5), ("a", 2.0, 0.5)), "names .* repeat"),
         (tiers(("a", 1.0, 0.5), ("b", 2.0, 0.4)), "must sum to 1"),
-        ("rank_tiers=[]", "rank_tiers is empty"),
+        ("rank_tiers=[]", "rank_tiers: tiers is empty"),
         (tiers(("a", 0.0, 1.0)), "memory_gb"),
     ],
 )

@@ -15,12 +15,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fedray import job, server
-from fedray.checkpoint import read_checkpoint
 from fedray.config import SpecError, load_spec
+from fedray.driver import rounds
+from fedray.driver.checkpoint import read_checkpoint
+from fedray.driver.lifecycle import RunFailed, resume, run
+from fedray.driver.sampling import client_seed, sample_clients
 from fedray.methods import method_from_state
-from fedray.server import RunFailed, resume, run
-from fedray.tasks import fault_seed
+from fedray.worker.faults import fault_seed
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -47,7 +48,7 @@ def _cli(*args: str) -> list[str]:
 
 
 def _global_delta(run_dir: Path, method: str) -> dict[str, torch.Tensor]:
-    _, state, _ = read_checkpoint(run_dir)
+    state = read_checkpoint(run_dir).method_state
     assert state["meta"]["method"] == method
     return method_from_state(state).global_delta()
 
@@ -72,7 +73,7 @@ def _assert_same_ending(whole: Path, resumed: Path, method: str, tracking_uri: s
     expected, got = _global_delta(whole, method), _global_delta(resumed, method)
     for layer, delta in expected.items():
         assert float((delta - got[layer]).abs().max()) <= 1e-6
-    run_ids = [read_checkpoint(path)[0]["run_id"] for path in (whole, resumed)]
+    run_ids = [read_checkpoint(path).info["run_id"] for path in (whole, resumed)]
     for name in ("eval_accuracy", "eval_loss", "clients_ok", "init_noise"):
         first, second = (_history(tracking_uri, run_id, name) for run_id in run_ids)
         assert [step for step, _ in second] == [0, 1], name  # no round missing, none twice
@@ -115,7 +116,7 @@ def test_a_stop_right_after_a_checkpoint_resumes_to_the_same_end(ray_session, tm
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run(spec, run_dir=whole, tracking_uri=tracking_uri, progress=False)
 
-    write_checkpoint = server.write_checkpoint
+    write_checkpoint = rounds.write_checkpoint
 
     def checkpoint_then_stop(run_dir, round_index, *args):
         write_checkpoint(run_dir, round_index, *args)
@@ -123,11 +124,11 @@ def test_a_stop_right_after_a_checkpoint_resumes_to_the_same_end(ray_session, tm
             (run_dir / "metrics.jsonl").write_text('{"round": 0, "clie')  # the line the kill cut off
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(server, "write_checkpoint", checkpoint_then_stop)
+    monkeypatch.setattr(rounds, "write_checkpoint", checkpoint_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run(spec, run_dir=broken, tracking_uri=tracking_uri, progress=False)
     monkeypatch.undo()
-    run_id = read_checkpoint(broken)[0]["run_id"]
+    run_id = read_checkpoint(broken).info["run_id"]
     assert MlflowClient(tracking_uri).get_run(run_id).info.status == "KILLED"
     assert _history(tracking_uri, run_id, "clients_ok") == []
 
@@ -155,8 +156,8 @@ def _expected_faults(spec, rounds: int) -> list[dict[str, int]]:
     expected = []
     for round_index in range(rounds):
         counts = dict.fromkeys(kinds, 0)
-        for client in job.sample_clients(spec, round_index, 0):
-            draw = float(np.random.default_rng(fault_seed(job.client_seed(spec, round_index, client), 0)).random())
+        for client in sample_clients(spec, round_index, 0):
+            draw = float(np.random.default_rng(fault_seed(client_seed(spec, round_index, client), 0)).random())
             hit = int(np.searchsorted(edges, draw, side="right"))
             if hit < len(kinds):
                 counts[kinds[hit]] += 1

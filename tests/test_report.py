@@ -15,7 +15,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from fedray.cli import EXIT_BAD_INPUT, main
-from fedray.report import write_report
+from fedray.tracking.report import write_report
 
 EXPERIMENT = "report-test"
 #: Method -> its index k, which sets every known metric value below.

@@ -14,13 +14,13 @@ import torch
 from mlflow.tracking import MlflowClient
 from peft import PeftModel
 
-from fedray.checkpoint import read_checkpoint
-from fedray.client import Workbench
 from fedray.config import load_spec
 from fedray.data import make_batches
+from fedray.driver.checkpoint import read_checkpoint
+from fedray.driver.lifecycle import run
 from fedray.methods import METHODS, method_from_state
 from fedray.models import ModelSpec, SharedBase, export_base, load_base
-from fedray.server import run
+from fedray.worker.workbench import Workbench
 
 ROUND_METRICS = [
     "eval_accuracy",
@@ -126,9 +126,9 @@ def test_a_run_of_each_method(method, ray_session, tracking_uri, tmp_path, monke
     assert _digest(ray.get(puts[0]).arrays) == _digest(fresh.arrays)
 
     # The exported PEFT adapter computes fedray's global model (its best rank-R form).
-    info, state, head = read_checkpoint(run_dir)
-    assert info["round"] == 1 and info["run_id"] == summary.run_id
-    method_state = method_from_state(state)
+    checkpoint = read_checkpoint(run_dir)
+    assert checkpoint.info["round"] == 1 and checkpoint.info["run_id"] == summary.run_id
+    method_state = method_from_state(checkpoint.method_state)
     truncated = {}
     for layer, delta in method_state.global_delta().items():
         U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
@@ -137,7 +137,7 @@ def test_a_run_of_each_method(method, ray_session, tracking_uri, tmp_path, monke
     bench = Workbench(fresh)
     batch = next(make_batches(bench.tokenizer, _test_texts(spec), np.arange(8), batch_size=8, max_seq_len=24))
     batch.pop("labels")
-    with bench.patched(truncated, head):
+    with bench.patched(truncated, checkpoint.head):
         expected = bench.model(**batch).logits
     loaded = PeftModel.from_pretrained(
         load_base(ModelSpec("minilm", "classification", num_labels=2)).model, run_dir / "adapter"
@@ -146,9 +146,9 @@ def test_a_run_of_each_method(method, ray_session, tracking_uri, tmp_path, monke
 
 
 def _test_texts(spec):
-    from fedray import job
+    from fedray import inputs
 
-    return job.eval_set(spec, job.dataset_split(spec))
+    return inputs.eval_set(spec, inputs.dataset_split(spec))
 
 
 def test_fedplora_run_draws_the_module_similarity(ray_session, tracking_uri, tmp_path):
@@ -158,30 +158,6 @@ def test_fedplora_run_draws_the_module_similarity(ray_session, tracking_uri, tmp
     image = summary.run_dir / "module_similarity.png"
     assert image.stat().st_size > 1000
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_a_worker_keeps_the_workbenches_of_its_recent_runs(monkeypatch):
-    from collections import OrderedDict
-
-    from fedray import tasks
-
-    built = []
-    monkeypatch.setattr(tasks, "Workbench", lambda shared: built.append(shared) or object())
-    monkeypatch.setattr(tasks.ray, "get", lambda ref: ref)
-    monkeypatch.setattr(tasks, "_BENCHES", OrderedDict())
-    monkeypatch.setattr(tasks, "_BUILDS", {})
-    assert tasks.WORKBENCHES_PER_PROCESS == 2
-    first, second = tasks.workbench("a", ["base a"]), tasks.workbench("b", ["base b"])
-    # Two runs that share the worker take turns without rebuilding their base.
-    for _ in range(3):
-        assert tasks.workbench("a", ["base a"]) is first and tasks.workbench("b", ["base b"]) is second
-    assert built == ["base a", "base b"] and tasks._BUILDS == {"a": 1, "b": 1}
-    # A third run drops the least recently used one.
-    tasks.workbench("c", ["base c"])
-    assert list(tasks._BENCHES) == ["b", "c"]
-    assert tasks.workbench("b", ["base b"]) is second
-    tasks.workbench("a", ["base a"])
-    assert tasks._BUILDS == {"a": 2, "b": 1, "c": 1} and list(tasks._BENCHES) == ["b", "a"]
 
 
 def test_a_local_run_of_fractional_cpu_clients_keeps_one_worker_per_client(tmp_path, tracking_uri):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from fedray.tracking import Tracker
+from fedray.tracking.store import Tracker
 
 
 def test_runs_of_one_new_spec_started_together_share_its_experiment(tracking_uri, tmp_path, monkeypatch):

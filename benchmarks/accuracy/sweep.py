@@ -199,9 +199,9 @@ def read_results(path: Path) -> dict[str, dict]:
 
 def run_cell(cell: Cell, *, runs_dir: Path, tracking_uri: str, extra: Sequence[str] = (), fresh: bool = False) -> dict:
     """Run (or resume) one cell and return its result record; ``fresh`` starts over even from a checkpoint."""
-    from fedray.checkpoint import CHECKPOINT_DIR, LATEST
     from fedray.config import load_spec
-    from fedray.server import resume, run
+    from fedray.driver.checkpoint import CHECKPOINT_DIR, LATEST
+    from fedray.driver.lifecycle import resume, run
 
     run_dir = runs_dir / cell.id
     spec = load_spec(SETTING_FILE, cell.spec_overrides(extra))
@@ -261,8 +261,8 @@ def sitting(
     from mlflow.tracking import MlflowClient
 
     from fedray.config import load_spec
-    from fedray.server import connect_ray
-    from fedray.tracking import check_tracking_uri
+    from fedray.driver.cluster import connect_ray
+    from fedray.tracking.store import check_tracking_uri
 
     if parallel < 1:
         raise SystemExit(f"--parallel must be at least 1, got {parallel}")
@@ -477,7 +477,7 @@ def write_tables(markdown: str, path: Path) -> None:
 
 def curves(runs_dir: Path, out_dir: Path) -> None:
     """``fedray report`` of every setting's experiment: curves (mean and min-max over seeds) per variant."""
-    from fedray.report import write_report
+    from fedray.tracking.report import write_report
 
     tracking_uri = f"sqlite:///{runs_dir / 'mlflow.db'}"
     for experiment in sorted({cell.experiment for cell in all_cells()}):

@@ -1,6 +1,6 @@
 """fedray's own FedIT on the peer's spec, measured as ``flower_fedit.py`` measures Flower, and the two side by side.
 
-Runs ``fedray.server.run`` in this process (the main ``.venv``) under the same PSS sampler
+Runs ``fedray.driver.lifecycle.run`` in this process (the main ``.venv``) under the same PSS sampler
 over the driver and every Ray process it starts; a round's wall time is fedray's own
 ``round_s`` from the run's metrics.jsonl. With ``--run-peer`` it first runs the Flower
 peer in ``.venv-peer`` (one after the other, never at once); with ``--peer-result`` it
@@ -39,7 +39,7 @@ def run_fedray(spec: Spec, work_dir: Path) -> tuple[list[dict[str, Any]], float]
     # Imported here, not at the top: they take seconds, and a bad spec should fail at once.
     import ray
 
-    from fedray.server import run
+    from fedray.driver.lifecycle import run
 
     started = time.perf_counter()
     summary = run(spec, run_dir=work_dir / "run", tracking_uri=f"sqlite:///{work_dir / 'mlflow.db'}", progress=False)

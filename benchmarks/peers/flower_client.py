@@ -2,9 +2,9 @@
 
 Each message names the fedray client it is for (``client-id``) and carries the spec and
 the global FedIT state (B and A of every target layer, and the task head). The ClientApp
-rebuilds exactly what ``fedray.tasks.train_task`` is given: the client's shard from the
+rebuilds exactly what ``fedray.worker.tasks.train_task`` is given: the client's shard from the
 spec's partition, a FedIT start (the global factors, no fold), the global head and
-``job.client_seed``, and runs fedray's own ``train_client`` on it.
+``sampling.client_seed``, and runs fedray's own ``Workbench.train`` on it.
 
 This module is imported by name in Flower's Ray actors (pickled functions refer to it),
 so each actor process keeps its base model and data between messages, as a fedray worker
@@ -22,12 +22,13 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedray import job
-from fedray.client import Workbench, train_client
+from fedray import inputs
 from fedray.config import Spec
 from fedray.data import DatasetSplit, create_partitioner
+from fedray.driver.sampling import client_seed
 from fedray.methods import ClientInit
 from fedray.models import export_base, load_base
+from fedray.worker.workbench import Workbench
 
 #: Keys of the message records (Flower's FedAvg defaults for the arrays and config).
 ARRAYS_KEY = "arrays"
@@ -89,10 +90,10 @@ def client_side(spec_json: str) -> _ClientSide:
     if side is None:
         _SIDES.clear()
         spec = Spec.model_validate_json(spec_json)
-        split = job.dataset_split(spec)
+        split = inputs.dataset_split(spec)
         partitioner = create_partitioner(spec.partition, **({"seed": spec.seed} | spec.partition_options))
         shards = partitioner.partition(split.train, spec.num_clients).shards
-        bench = Workbench(export_base(load_base(job.model_spec(spec, split))))
+        bench = Workbench(export_base(load_base(inputs.model_spec(spec, split))))
         side = _SIDES[spec_json] = _ClientSide(spec, bench, split, shards)
     return side
 
@@ -119,7 +120,7 @@ def train(message: Message, context: Context) -> Message:
     # FedIT's start is the global factors themselves at max_rank, with no fold (FedIT._make_init).
     init = ClientInit(client_id, spec.max_rank, spec.scale, B, A)
     shard = side.split.train.subset(side.shards[client_id])
-    result = train_client(side.bench, init, shard, spec, head=head, seed=job.client_seed(spec, round_index, client_id))
+    result = side.bench.train(init, shard, spec.train, head=head, seed=client_seed(spec, round_index, client_id))
     trained_head = result.head if result.head is not None else head
     metrics = MetricRecord(
         {

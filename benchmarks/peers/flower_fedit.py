@@ -3,8 +3,8 @@
 The ServerApp runs Flower's message-based ``FedAvg`` (weighted by ``num-examples``) over
 FedIT's state: each layer's B and A are averaged on their own, which is FedIT's
 aggregate, and the task head is averaged the same way, as fedray does. Each round it
-sends fedray's sampled clients (``job.sample_clients``) to the ClientApp of
-``flower_client.py``, which trains them with fedray's own ``train_client``; after a round
+sends fedray's sampled clients (``sampling.sample_clients``) to the ClientApp of
+``flower_client.py``, which trains them with fedray's own ``Workbench.train``; after a round
 the global model is evaluated centrally with fedray's ``Workbench.evaluate`` on fedray's
 eval set, at fedray's cadence (every ``eval.every`` rounds and after the last).
 
@@ -36,13 +36,14 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.simulation import run_simulation
 from pss import PssSampler
 
-from fedray import job
-from fedray.client import Workbench, head_state
+from fedray import inputs
 from fedray.config import Spec, SpecError
 from fedray.data import TextDataset
+from fedray.driver.cluster import LOCAL_OBJECT_STORE_BYTES
+from fedray.driver.sampling import sample_clients
 from fedray.methods import Method, create_method
-from fedray.models import export_base, load_base, target_layers
-from fedray.server import LOCAL_OBJECT_STORE_BYTES
+from fedray.models import export_base, head_state, load_base, target_layers
+from fedray.worker.workbench import Workbench
 
 #: Seconds Flower's grid waits for a round's replies before giving up on them.
 ROUND_TIMEOUT_S = 24 * 3600
@@ -76,7 +77,7 @@ class FedITStrategy(FedAvg):
     ) -> Iterable[Message]:
         """One message per client fedray samples this round, each naming its client."""
         self._started[server_round] = time.perf_counter()
-        clients = job.sample_clients(self.spec, server_round - 1)
+        clients = sample_clients(self.spec, server_round - 1)
         # Flower's node ids are random; client c plays on the c-th node, and its message says so
         # (the ClientApp takes the client from the message, not from the node's partition-id).
         _, nodes = sample_nodes(grid, self.spec.num_clients, self.spec.num_clients)
@@ -130,7 +131,13 @@ class FedITStrategy(FedAvg):
             state["tensors"] |= {flower_client.factor_name(layer, "B"): B[layer] for layer in B}
             state["tensors"] |= {flower_client.factor_name(layer, "A"): A[layer] for layer in A}
             self.method.load_state_dict(state)
-            scores = self.evaluator.evaluate(self.method.global_delta(), self.eval_set, self.spec, head=head)
+            scores = self.evaluator.evaluate(
+                self.method.global_delta(),
+                self.eval_set,
+                self.spec.eval,
+                max_seq_len=self.spec.train.max_seq_len,
+                head=head,
+            )
             record.update(scores)
             metrics = MetricRecord(scores)
         record["round_s"] = time.perf_counter() - self._started[server_round]
@@ -158,8 +165,8 @@ def run_flower(spec: Spec, *, verbose: bool = False) -> list[dict[str, Any]]:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     # The driver evaluates, with the threads a fedray eval task gets.
     torch.set_num_threads(flower_client.torch_threads(spec))
-    split = job.dataset_split(spec)
-    base = load_base(job.model_spec(spec, split))
+    split = inputs.dataset_split(spec)
+    base = load_base(inputs.model_spec(spec, split))
     shapes = target_layers(base.model, base.target_modules)
     method = create_method(spec.method, shapes, spec.max_rank, scale=spec.scale, seed=spec.seed, **spec.method_options)
     start = method.state_dict()["tensors"]
@@ -168,7 +175,7 @@ def run_flower(spec: Spec, *, verbose: bool = False) -> list[dict[str, Any]]:
         {layer: start[flower_client.factor_name(layer, "A")] for layer in shapes},
         head_state(base.model) or None,
     )
-    strategy = FedITStrategy(spec, method, Workbench(export_base(base)), job.eval_set(spec, split))
+    strategy = FedITStrategy(spec, method, Workbench(export_base(base)), inputs.eval_set(spec, split))
     server_app = ServerApp()
 
     @server_app.main()

@@ -32,6 +32,7 @@ from harness import (
     Clients,
     add_common_arguments,
     bench_spec,
+    client_status,
     core_count,
     finish,
     local_ray,
@@ -44,9 +45,9 @@ from harness import (
     with_resources,
 )
 
-from fedray import job, tasks
 from fedray.config import Spec
 from fedray.methods import ClientInit
+from fedray.worker import tasks
 
 SPEC_FILE = "jobs/quickstart.yaml"
 #: Concurrent client tasks compared for throughput; each gets cores / level CPUs (and torch threads).
@@ -77,12 +78,10 @@ SMOKE_CLIENT_ROUNDS = 4
 def timed_client(
     run_key: str, shared_box: list, init: ClientInit, indices, spec: Spec, head, seed: int
 ) -> tuple[int, float, float]:
-    """fedray's client round (the body of ``fedray.tasks.train_task``: the worker's workbench,
-    its torch threads, ``Workbench.train``) between two clock readings: (pid, start, end)."""
+    """fedray's client round (``client_round``, what ``train_task`` runs) between two clock
+    readings: (pid, start, end)."""
     started = time.time()
-    tasks.set_threads(spec)
-    bench = tasks.workbench(run_key, shared_box)
-    bench.train(init, job.dataset_split(spec).train.subset(indices), spec, head=head, seed=seed)
+    tasks.client_round(run_key, shared_box, init, indices, spec, head, seed)
     return os.getpid(), started, time.time()
 
 
@@ -96,7 +95,7 @@ def throughput(run_key: str, shared_box: list, clients: Clients, spec: Spec, lev
         )
         for slot, init in enumerate(clients.inits)
     ]
-    done = [tasks.client_status(task) for task in launched]
+    done = [client_status(task) for task in launched]
     wall_s = time.perf_counter() - started
     return {
         "level": level,

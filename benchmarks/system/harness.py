@@ -27,11 +27,13 @@ import ray
 import torch
 from start_line import StartLine
 
-from fedray import job, server, tasks
-from fedray.client import head_state
+from fedray import inputs
 from fedray.config import Spec, load_spec
+from fedray.driver.prepare import Prepared, prepare
+from fedray.driver.sampling import client_seed
 from fedray.methods import ClientInit, Method, create_method
-from fedray.models import Base, SharedBase, export_base, target_layers
+from fedray.models import Base, SharedBase, export_base, head_state, target_layers
+from fedray.worker import tasks
 
 #: The repository root: spec files are named relative to it.
 REPO = Path(__file__).resolve().parents[2]
@@ -204,10 +206,10 @@ class Clients:
     seeds: list[int]
 
 
-def prepare_run(spec: Spec) -> dict[str, Any]:
-    """What fedray's server derives from ``spec`` before Ray starts: ``split``, ``partition``,
-    ``ranks`` (per client) and ``base``; its own function, so the benchmarks cannot drift from it."""
-    return server.prepare(spec)
+def prepare_run(spec: Spec) -> Prepared:
+    """What fedray's driver derives from ``spec`` before Ray starts; its own function, so the
+    benchmarks cannot drift from it."""
+    return prepare(spec)
 
 
 def create_run_method(spec: Spec, base: Base) -> Method:
@@ -221,15 +223,15 @@ def prepare_clients(spec: Spec, count: int) -> Clients:
     if count > spec.num_clients:
         raise SystemExit(f"{count} clients asked for, but the spec has num_clients={spec.num_clients}; lower it")
     prepared = prepare_run(spec)
-    base = prepared["base"]
+    base = prepared.base
     method = create_run_method(spec, base)
     clients = range(count)
     return Clients(
         base=export_base(base),
-        inits=[method.client_init(client, prepared["ranks"][client]) for client in clients],
-        shards=[prepared["partition"].shards[client] for client in clients],
+        inits=[method.client_init(client, prepared.client_ranks[client]) for client in clients],
+        shards=[prepared.partition.shards[client] for client in clients],
         head=head_state(base.model) or None,
-        seeds=[job.client_seed(spec, 0, client) for client in clients],
+        seeds=[client_seed(spec, 0, client) for client in clients],
     )
 
 
@@ -250,7 +252,7 @@ def warm_up(run_key: str, shared_box: list | None, spec: Spec, start_line, parti
     wait until ``parties`` warm-up tasks run at once; returns the worker's process id."""
     if shared_box is not None:
         tasks.workbench(run_key, shared_box)
-    job.dataset_split(spec)
+    inputs.dataset_split(spec)
     ray.get(start_line.arrive.remote())
     deadline = time.monotonic() + WARM_UP_TIMEOUT_S
     while ray.get(start_line.count.remote()) < parties and time.monotonic() < deadline:
@@ -291,3 +293,9 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def client_status(task: ray.ObjectRefGenerator) -> dict[str, Any]:
+    """Wait for one of fedray's ``train_task``s to end; its status (the task's error is raised)."""
+    refs = list(task)[:2]  # STARTED and the status; a failed task's last ref is its error
+    return ray.get(refs)[-1]

@@ -48,6 +48,7 @@ from harness import (
     Clients,
     add_common_arguments,
     bench_spec,
+    client_status,
     core_count,
     finish,
     local_ray,
@@ -59,11 +60,12 @@ from harness import (
 )
 from pss import tree_pss
 
-from fedray import job, tasks
-from fedray.client import Workbench
+from fedray import inputs
 from fedray.config import Spec
 from fedray.methods import ClientInit
 from fedray.models import SharedBase
+from fedray.worker import tasks
+from fedray.worker.workbench import Workbench
 
 #: Spec file and overrides per model: a short client round with real activations.
 MODEL_SPECS = {
@@ -151,7 +153,7 @@ def naive_client(shared_box: list, init: ClientInit, indices, spec: Spec, head, 
     own = dataclasses.replace(shared, arrays={key: array.copy() for key, array in shared.arrays.items()})
     del shared  # from here on, only the private copy
     bench = Workbench(own)
-    bench.train(init, job.dataset_split(spec).train.subset(indices), spec, head=head, seed=seed)
+    bench.train(init, inputs.dataset_split(spec).train.subset(indices), spec.train, head=head, seed=seed)
     return os.getpid()
 
 
@@ -173,7 +175,7 @@ def measure(variant: str, concurrent: int, clients: Clients, shared_box: list, s
                 pending.append(tasks.train_task.options(**options).remote(run_key, shared_box, *args))
             else:
                 pending.append(naive_client.options(**options).remote(shared_box, *args))
-        wait = tasks.client_status if variant == "shared" else ray.get
+        wait = client_status if variant == "shared" else ray.get
         for task in pending:
             wait(task)
         clients_s = time.perf_counter() - started - warm_up_s

@@ -1,10 +1,10 @@
 """Orchestration overhead: fedray's rounds against a bare single-process loop doing the same work.
 
-Both sides run the same spec. fedray: ``fedray.server.run`` on a Ray started here, with
+Both sides run the same spec. fedray: ``fedray.driver.lifecycle.run`` on a Ray started here, with
 its client and evaluation tasks, aggregation actor, checkpoints and MLflow. Bare: one
 process and none of that; it calls fedray's client code directly, one client at a time:
 the same partition, ranks, sampled clients, method starts (``client_init``), seeds
-(``job.client_seed``), ``Workbench.train``, ``aggregate``, head averaging and evaluation.
+(``sampling.client_seed``), ``Workbench.train``, ``aggregate``, head averaging and evaluation.
 Each client task gets every core of the client work (``resources.num_cpus`` = that
 Ray's CPUs), so fedray also trains one client at a time, with as many torch threads as
 the bare loop. By default that is every core of the machine, so fedray's own processes
@@ -52,11 +52,14 @@ from harness import (
 )
 from mlflow.tracking import MlflowClient
 
-from fedray import job, tasks
-from fedray.client import Workbench, head_state
+from fedray import inputs
 from fedray.config import Spec
-from fedray.models import export_base
-from fedray.server import run
+from fedray.driver.lifecycle import run
+from fedray.driver.sampling import client_seed, sample_clients
+from fedray.models import export_base, head_state
+from fedray.tracking.names import EVAL_METRICS
+from fedray.worker import tasks
+from fedray.worker.workbench import Workbench
 
 SPEC_FILE = "jobs/quickstart.yaml"
 #: fedray's round may take at most this much longer than the bare loop's (a ratio of 1.10).
@@ -119,7 +122,7 @@ class Side:
 
 
 def metric_name(spec: Spec) -> str:
-    return "eval_accuracy" if job.dataset_split(spec).train.task == "classification" else "eval_rougeL"
+    return EVAL_METRICS[inputs.dataset_split(spec).train.task]
 
 
 def bare_loop(spec: Spec) -> Side:
@@ -127,27 +130,27 @@ def bare_loop(spec: Spec) -> Side:
     started = time.perf_counter()
     tasks.set_threads(spec)  # the torch threads a client task of this spec gets
     prepared = prepare_run(spec)
-    split, base = prepared["split"], prepared["base"]
-    shards, client_ranks = prepared["partition"].shards, prepared["ranks"]
+    split, base = prepared.split, prepared.base
+    shards, client_ranks = prepared.partition.shards, prepared.client_ranks
     bench = Workbench(export_base(base))
     method = create_run_method(spec, base)
     head = head_state(base.model) or None
-    eval_set = job.eval_set(spec, split)
+    eval_set = inputs.eval_set(spec, split)
     metric = metric_name(spec)
     setup_s = time.perf_counter() - started
 
     rounds = []
     for round_index in range(spec.rounds):
         round_started = time.perf_counter()
-        sampled = job.sample_clients(spec, round_index)
+        sampled = sample_clients(spec, round_index)
         inits = {client: method.client_init(client, client_ranks[client]) for client in sampled}
         results = [
             bench.train(
                 inits[client],
                 split.train.subset(shards[client]),
-                spec,
+                spec.train,
                 head=head,
-                seed=job.client_seed(spec, round_index, client),
+                seed=client_seed(spec, round_index, client),
             )
             for client in sampled
         ]
@@ -157,7 +160,9 @@ def bare_loop(spec: Spec) -> Side:
         heads = [(result.update.num_examples, result.head) for result in results if result.head is not None]
         if heads:
             head = {name: sum(n * trained[name] for n, trained in heads) / examples for name in heads[0][1]}
-        metrics = bench.evaluate(method.global_delta(), eval_set, spec, head=head)
+        metrics = bench.evaluate(
+            method.global_delta(), eval_set, spec.eval, max_seq_len=spec.train.max_seq_len, head=head
+        )
         rounds.append(
             RoundTiming(
                 round=round_index,
@@ -172,7 +177,7 @@ def bare_loop(spec: Spec) -> Side:
 
 
 def fedray_run(spec: Spec, cores: int) -> Side:
-    """``spec`` through ``fedray.server.run`` on a Ray of this machine's cores; per-round wall times from MLflow."""
+    """``spec`` through fedray's ``run`` on a Ray of this machine's cores; per-round wall times from MLflow."""
     metric = metric_name(spec)
     with tempfile.TemporaryDirectory(prefix="fedray-overhead-") as work_dir:
         tracking_uri = f"sqlite:///{Path(work_dir) / 'mlflow.db'}"

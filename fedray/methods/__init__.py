@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fedray.methods.base import ClientId, ClientInit, ClientUpdate, Method, Rank, RoundStats
+from fedray.methods.base import ClientHook, ClientId, ClientInit, ClientUpdate, Heatmap, Method, Rank, RoundStats
 from fedray.methods.fedit import FedIT
 from fedray.methods.fedplora import FedPLoRA
 from fedray.methods.flexlora import FlexLoRA
@@ -24,13 +25,16 @@ from fedray.methods.flora import FLoRA
 from fedray.methods.hetlora import HETLoRA
 from fedray.methods.hlora import HLoRA
 
+#: The registry: a method's name -> its class. A new method is one module and one entry here.
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FedIT, FLoRA, FlexLoRA, HETLoRA, HLoRA, FedPLoRA)}
 
 __all__ = [
     "METHODS",
+    "ClientHook",
     "ClientId",
     "ClientInit",
     "ClientUpdate",
+    "Heatmap",
     "Method",
     "Rank",
     "RoundStats",
@@ -38,8 +42,22 @@ __all__ = [
     "load_state",
     "method_from_state",
     "method_options",
+    "read_state",
+    "register_method",
     "save_state",
 ]
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Add a method to the registry of this process (also a class decorator), for methods
+    that live outside fedray. The driver hands the class itself to the aggregation actor;
+    Ray pickles it by reference, so its module must import in Ray's workers too."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)) or not getattr(cls, "name", ""):
+        raise ValueError(f"{cls!r} is not a Method subclass with a name; subclass fedray.methods.Method")
+    if METHODS.get(cls.name, cls) is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered; give the new one another name")
+    METHODS[cls.name] = cls
+    return cls
 
 
 def method_options(name: str) -> dict[str, Any]:
@@ -73,13 +91,16 @@ def save_state(method: Method | Mapping[str, Any], path: str | Path) -> None:
     save_file(tensors, str(path), metadata={"fedray": json.dumps(state["meta"])})
 
 
-def load_state(path: str | Path) -> Method:
-    """Rebuild a method from a file written by ``save_state``, exactly as it was saved."""
-    from safetensors import safe_open
-
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The ``state_dict()`` stored in a file written by ``save_state``."""
     with safe_open(str(path), framework="pt") as handle:
         meta = json.loads(handle.metadata()["fedray"])
-    return method_from_state({"tensors": load_file(str(path)), "meta": meta})
+    return {"tensors": load_file(str(path)), "meta": meta}
+
+
+def load_state(path: str | Path) -> Method:
+    """Rebuild a method from a file written by ``save_state``, exactly as it was saved."""
+    return method_from_state(read_state(path))
 
 
 def method_from_state(state: Mapping[str, Any]) -> Method:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -50,18 +50,30 @@ class ClientUpdate:
         return sum(tensor_nbytes(t) for t in (*self.B.values(), *self.A.values()))
 
 
-@dataclass(frozen=True)
-class TailPenalty:
-    """HETLoRA's rank self-pruning, asked of one client (shared/METHODS.md).
+class ClientHook:
+    """A method's part in one client's local training: the trainer calls it at named points.
 
-    The client adds ``weight * sum over layers of ||scale * B[:, keep:] @ A[keep:]||_F``
-    to its loss. If training shrinks that tail below its size at the start, the client
-    prunes it: it returns only the leading ``keep`` components of every layer listed.
+    It travels to the worker inside ``ClientInit.hook``; this base class adds nothing. As
+    with peft's LoRA variants, a method hooks in here instead of the trainer testing which
+    method it runs (HETLoRA's tail regulariser and self-pruning are such a hook).
     """
 
-    weight: float
-    #: Per layer with a tail, how many leading components the client keeps if it prunes.
-    keep: Mapping[str, int]
+    def loss_term(self, factors: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor | None:
+        """An extra loss on the client's trainable factors ``{layer: (B, A)}``; None adds nothing."""
+        return None
+
+    def finish(self, update: ClientUpdate, init: ClientInit) -> tuple[ClientUpdate, dict[str, float]]:
+        """After training: the update the client sends (it may shrink it), and metrics that
+        the server sums over the round's clients."""
+        return update, {}
+
+    def shrunk_ranks(self, ranks: Mapping[str, int]) -> dict[str, int] | None:
+        """The per-layer ranks of an update that ``finish`` shrank, for the server's check; None if it never shrinks."""
+        return None
+
+
+#: The hook of a method that has no say in local training.
+NO_HOOK = ClientHook()
 
 
 @dataclass(frozen=True)
@@ -78,17 +90,12 @@ class ClientInit:
     B: Mapping[str, Tensor]
     A: Mapping[str, Tensor]
     fold: Mapping[str, Fold] = field(default_factory=dict)
-    #: Fed-PLoRA: per layer, the global module index of each trained column of B / row of A.
-    modules: Mapping[str, Tensor] | None = None
-    #: HETLoRA with self-pruning: the regulariser on the tail components.
-    tail_penalty: TailPenalty | None = None
+    #: The method's part in the client's training (an extra loss, a last step).
+    hook: ClientHook = NO_HOOK
 
-    def pruned_ranks(self) -> dict[str, int] | None:
-        """Per layer, the rank of this client's update if it prunes its tail (else None)."""
-        if self.tail_penalty is None:
-            return None
-        ranks = {layer: B.shape[1] for layer, B in self.B.items()}
-        return ranks | dict(self.tail_penalty.keep)
+    def layer_ranks(self) -> dict[str, int]:
+        """The rank the client trains at in each layer."""
+        return {layer: B.shape[1] for layer, B in self.B.items()}
 
     def fold_delta(self) -> dict[str, Tensor]:
         """The dense folded delta of every layer that has one."""
@@ -130,10 +137,25 @@ class Handout:
     ranks: dict[str, int]
     init_noise_sq: float
     nbytes: int
-    #: Per layer, the global module indices the client trains (Fed-PLoRA only).
-    modules: Mapping[str, Tensor] | None = None
-    #: The update's ranks if the client prunes its tail (HETLoRA self-pruning only).
-    pruned_ranks: dict[str, int] | None = None
+    #: What the method itself keeps about this start (e.g. Fed-PLoRA's module choice).
+    memo: Any = None
+    #: The update's ranks if the client's hook shrinks it (e.g. HETLoRA self-pruning).
+    shrunk_ranks: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """A matrix a method offers to be drawn at the end of a run (e.g. Fed-PLoRA's module similarity)."""
+
+    #: rows x cols; NaN where a cell is undefined.
+    values: Tensor
+    title: str
+    xlabel: str
+    ylabel: str
+    #: What a cell's value means (the colour bar's label).
+    value_label: str
+    #: The colour range, (low, high).
+    value_range: tuple[float, float]
 
 
 def relative(value: float, reference: float) -> float:
@@ -197,8 +219,8 @@ class Method(ABC):
         ranks = self._start_ranks(client_id, requested)
         if ranks != requested:  # a HETLoRA client that pruned itself earlier trains smaller
             rank = ranks
-        init, init_noise_sq = self._make_init(client_id, rank, ranks)
-        self._handouts[client_id] = Handout(ranks, init_noise_sq, init.nbytes(), init.modules, init.pruned_ranks())
+        init, init_noise_sq, memo = self._make_init(client_id, rank, ranks)
+        self._handouts[client_id] = Handout(ranks, init_noise_sq, init.nbytes(), memo, init.hook.shrunk_ranks(ranks))
         return init
 
     def validate(self, update: ClientUpdate) -> None:
@@ -210,8 +232,8 @@ class Method(ABC):
         if isinstance(update.num_examples, bool) or not isinstance(update.num_examples, int) or update.num_examples < 1:
             raise ValueError(f"{who}: num_examples must be a positive integer, got {update.num_examples!r}")
         ranks = self._layer_ranks(update.rank, who)
-        if ranks != handout.ranks and ranks != handout.pruned_ranks:
-            expected = f"{handout.ranks}" + (f" (or {handout.pruned_ranks} if pruned)" if handout.pruned_ranks else "")
+        if ranks != handout.ranks and ranks != handout.shrunk_ranks:
+            expected = f"{handout.ranks}" + (f" (or {handout.shrunk_ranks} if shrunk)" if handout.shrunk_ranks else "")
             raise ValueError(f"{who}: update has rank {update.rank!r}, but was initialised at {expected}")
         expected = set(self.shapes)
         for name, factors in (("B", update.B), ("A", update.A)):
@@ -279,6 +301,16 @@ class Method(ABC):
         """Forget this round's client starts without aggregating (the round is re-run)."""
         self._handouts.clear()
 
+    def heatmaps(self) -> dict[str, Heatmap]:
+        """Figures of the last aggregated round, by file stem; a method with none returns {}."""
+        return {}
+
+    @classmethod
+    def check_client_ranks(cls, ranks: Sequence[int], max_rank: int) -> None:
+        """Raise ValueError, naming what to change, if clients may not train at ``ranks``
+        (checked on the spec before a run starts); any rank in [1, max_rank] is fine by default."""
+        return None
+
     def global_delta(self) -> dict[str, Tensor]:
         """What the global model adds to each frozen weight (dense, d x k)."""
         return {layer: as_dense(self._layer_global(layer)).to(FACTOR_DTYPE) for layer in self.shapes}
@@ -335,8 +367,9 @@ class Method(ABC):
         """The global delta of ``layer`` (scale included), as factors or dense."""
 
     @abstractmethod
-    def _make_init(self, client_id: ClientId, rank: Rank, ranks: dict[str, int]) -> tuple[ClientInit, float]:
-        """The client's start and its squared init noise summed over layers."""
+    def _make_init(self, client_id: ClientId, rank: Rank, ranks: dict[str, int]) -> tuple[ClientInit, float, Any]:
+        """The client's start, its squared init noise summed over layers, and a memo the
+        method keeps in the client's ``Handout`` until the round ends (None if it needs none)."""
 
     @abstractmethod
     def _new_accumulator(self) -> Any:

@@ -6,6 +6,7 @@ The reference every heterogeneous method is compared against. Its aggregate is b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,17 +25,23 @@ class _Sums:
 class FedIT(AdapterMethod):
     name = "fedit"
 
-    def _make_init(self, client_id: ClientId, rank: Rank, ranks: dict[str, int]):
-        if any(r != self.max_rank for r in ranks.values()):
+    @classmethod
+    def check_client_ranks(cls, ranks: Sequence[int], max_rank: int) -> None:
+        if set(ranks) != {max_rank}:
             raise ValueError(
-                f"fedit is the homogeneous baseline: every client must train at max_rank="
-                f"{self.max_rank}, but client {client_id!r} asked for rank {rank!r}; give all "
-                "clients rank max_rank or pick a heterogeneous method (fedplora, hlora, flexlora, "
-                "hetlora, flora)"
+                f"fedit is the homogeneous baseline: every client must train at max_rank={max_rank}, but the "
+                f"ranks are {sorted(set(ranks))}; set ranks=[{max_rank}] (= max_rank) or pick a heterogeneous "
+                "method (fedplora, hlora, flexlora, hetlora, flora)"
             )
+
+    def _make_init(self, client_id: ClientId, rank: Rank, ranks: dict[str, int]):
+        try:
+            self.check_client_ranks(list(ranks.values()), self.max_rank)
+        except ValueError as error:
+            raise ValueError(f"client {client_id!r}: {error}") from None
         B = {layer: B.clone() for layer, B in self._B.items()}
         A = {layer: A.clone() for layer, A in self._A.items()}
-        return ClientInit(client_id, rank, self.scale, B, A), 0.0
+        return ClientInit(client_id, rank, self.scale, B, A), 0.0, None
 
     def _new_accumulator(self) -> _Sums:
         return _Sums(

@@ -33,7 +33,7 @@ class FLoRA(Method):
         B = {layer: torch.zeros(self.shapes[layer][0], r, dtype=FACTOR_DTYPE) for layer, r in ranks.items()}
         A = {layer: self._kaiming(r, self.shapes[layer][1]) for layer, r in ranks.items()}
         # The global delta is already compact (factors while smaller than dense).
-        return ClientInit(client_id, rank, self.scale, B, A, dict(self._delta)), 0.0
+        return ClientInit(client_id, rank, self.scale, B, A, dict(self._delta)), 0.0, None
 
     def _new_accumulator(self) -> dict[str, LowRankSum]:
         return {layer: LowRankSum(shape) for layer, shape in self.shapes.items()}

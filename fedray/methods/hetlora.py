@@ -23,18 +23,69 @@ import torch
 from torch import Tensor
 
 from fedray.methods.base import (
+    NO_HOOK,
     AdapterMethod,
     ClientAverage,
+    ClientHook,
     ClientId,
     ClientInit,
     ClientUpdate,
     Handout,
     Rank,
-    TailPenalty,
 )
 from fedray.methods.lowrank import LowRank, fro_norm
 
 WEIGHTINGS = ("norm", "data")
+#: Keeps the tail norm's square root differentiable at a zero tail.
+TAIL_NORM_EPSILON = 1e-12
+
+
+def tail_norm(factors: Mapping[str, tuple[Tensor, Tensor]], keep: Mapping[str, int], scale: float):
+    """HETLoRA's self-pruning regulariser: ``sum_l ||scale * B_l[:, keep_l:] @ A_l[keep_l:]||_F``.
+
+    Computed from the small Gram matrices, ``||BA||_F^2 = sum((B^T B) * (A A^T))``, so it
+    costs O((d + k) r^2) per layer instead of a d x k product; differentiable everywhere.
+    """
+    total = 0.0
+    for layer, start in keep.items():
+        B, A = factors[layer][0][:, start:], factors[layer][1][start:]
+        square = ((B.T @ B) * (A @ A.T)).sum()
+        total = total + torch.sqrt(square.clamp(min=0.0) + TAIL_NORM_EPSILON)
+    return scale * total
+
+
+@dataclass(frozen=True)
+class TailPruning(ClientHook):
+    """HETLoRA's rank self-pruning, asked of one client (shared/METHODS.md).
+
+    The client adds ``weight * sum over layers of ||scale * B[:, keep:] @ A[keep:]||_F``
+    to its loss. If training shrinks that tail below its size at the start, the client
+    prunes it: it returns only the leading ``keep`` components of every layer listed.
+    """
+
+    weight: float
+    #: Per layer with a tail, how many leading components the client keeps if it prunes.
+    keep: Mapping[str, int]
+    scale: float
+
+    def loss_term(self, factors: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:
+        return self.weight * tail_norm(factors, self.keep, self.scale)
+
+    def finish(self, update: ClientUpdate, init: ClientInit) -> tuple[ClientUpdate, dict[str, float]]:
+        trained = {layer: (update.B[layer], update.A[layer]) for layer in update.B}
+        start = {layer: (init.B[layer], init.A[layer]) for layer in update.B}
+        with torch.no_grad():
+            pruned = bool(tail_norm(trained, self.keep, self.scale) < tail_norm(start, self.keep, self.scale))
+        metrics = {"clients_pruned": float(pruned)}
+        if not pruned:
+            return update, metrics
+        B = {layer: B[:, : self.keep.get(layer, B.shape[1])] for layer, B in update.B.items()}
+        A = {layer: A[: self.keep.get(layer, A.shape[0])] for layer, A in update.A.items()}
+        shrunk = ClientUpdate(update.client_id, self.shrunk_ranks(init.layer_ranks()), update.num_examples, B, A)
+        return shrunk, metrics
+
+    def shrunk_ranks(self, ranks: Mapping[str, int]) -> dict[str, int]:
+        return dict(ranks) | dict(self.keep)
 
 
 @dataclass
@@ -104,10 +155,10 @@ class HETLoRA(AdapterMethod):
         return min(rank - 1, max(1, math.floor(self.prune_gamma * rank)))
 
     def _make_init(self, client_id: ClientId, rank: Rank, ranks: dict[str, int]):
-        penalty = None
+        hook = NO_HOOK
         if self.prune_weight > 0:
             keep = {layer: self._keep(r) for layer, r in ranks.items() if r > 1}
-            penalty = TailPenalty(self.prune_weight, keep) if keep else None
+            hook = TailPruning(self.prune_weight, keep, self.scale) if keep else hook
         B, A = {}, {}
         noise_sq = 0.0
         for layer, r in ranks.items():
@@ -115,7 +166,7 @@ class HETLoRA(AdapterMethod):
             A[layer] = self._A[layer][:r].clone()
             # The truncated tail is exactly what the client's start is missing.
             noise_sq += fro_norm(LowRank(self.scale * self._B[layer][:, r:], self._A[layer][r:])) ** 2
-        return ClientInit(client_id, rank, self.scale, B, A, tail_penalty=penalty), noise_sq
+        return ClientInit(client_id, rank, self.scale, B, A, hook=hook), noise_sq, None
 
     def _new_accumulator(self) -> _Sums:
         def zeros(factors: dict[str, Tensor]) -> dict[str, Tensor]:

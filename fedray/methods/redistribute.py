@@ -61,7 +61,7 @@ class SVDRedistribution(Method):
             B[layer] = torch.cat([B_top, torch.zeros(d, fresh, dtype=FACTOR_DTYPE)], dim=1)
             A[layer] = torch.cat([A_top, self._kaiming(fresh, k)], dim=0)
             noise_sq += self.scale**2 * float(triplets.S[kept:].double().square().sum())
-        return ClientInit(client_id, rank, self.scale, B, A), noise_sq
+        return ClientInit(client_id, rank, self.scale, B, A), noise_sq, None
 
     def _new_accumulator(self) -> dict[str, LowRankSum]:
         return {layer: LowRankSum(shape) for layer, shape in self.shapes.items()}

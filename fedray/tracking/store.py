@@ -28,7 +28,11 @@ SERVER_CHECK_TIMEOUT_S = 5.0
 PARAMS_PER_BATCH = 100
 
 
-def default_tracking_uri(runs_root: Path) -> str:
+#: Where run directories, and the sqlite store beside them, go unless told otherwise.
+DEFAULT_RUNS_ROOT = Path("runs")
+
+
+def default_tracking_uri(runs_root: Path = DEFAULT_RUNS_ROOT) -> str:
     """The sqlite store beside a run's directory (``runs/mlflow.db``)."""
     return f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
 

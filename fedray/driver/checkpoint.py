@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fedray.methods import save_state
+from fedray.methods import read_state, save_state
 
 CHECKPOINT_DIR = "checkpoint"
 LATEST = "latest.json"
@@ -51,18 +51,25 @@ def write_checkpoint(
             old.unlink()
 
 
-def read_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor] | None]:
-    """(info, method state dict, head) of the last complete round of ``run_dir``."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """The last complete round of a run."""
+
+    #: JSON: the round, the run id and tracking URI, the spec's digest, the round's metrics.
+    info: dict[str, Any]
+    #: The method's ``state_dict()``.
+    method_state: dict[str, Any]
+    head: dict[str, torch.Tensor] | None
+
+
+def read_checkpoint(run_dir: Path) -> Checkpoint:
+    """The last complete round of ``run_dir``."""
     folder = run_dir / CHECKPOINT_DIR
     if not (folder / LATEST).is_file():
         raise FileNotFoundError(f"{run_dir} has no checkpoint (no complete round); start it again without --resume")
     info = json.loads((folder / LATEST).read_text())
-    method_path = folder / info["method"]
-    with safe_open(str(method_path), framework="pt") as handle:
-        meta = json.loads(handle.metadata()["fedray"])
-    method_state = {"tensors": load_file(str(method_path)), "meta": meta}
     head = load_file(str(folder / info["head"])) if info["head"] else None
-    return info, method_state, head
+    return Checkpoint(info, read_state(folder / info["method"]), head)
 
 
 def _atomic(path: Path, write) -> None:

@@ -1,5 +1,5 @@
-"""What a client task hands the aggregation actor: kept apart from ``fedray.client`` so the
-actor, which unpickles it, does not import transformers and peft."""
+"""What a client task hands the aggregation actor. Kept apart from the workbench so the
+actor, which unpickles it, imports neither transformers nor peft."""
 
 from __future__ import annotations
 
@@ -17,3 +17,5 @@ class ClientResult:
     update: ClientUpdate
     head: dict[str, torch.Tensor] | None
     metrics: dict[str, float] = field(default_factory=dict)
+    #: What the method's client hook reported (e.g. HETLoRA's clients_pruned); summed over the round.
+    method_metrics: dict[str, float] = field(default_factory=dict)

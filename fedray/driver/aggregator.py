@@ -24,11 +24,12 @@ import ray
 import torch
 
 from fedray.config import Spec
-from fedray.live_metrics import LiveMetrics
-from fedray.methods import ClientInit, ClientUpdate, create_method
+from fedray.methods import ClientInit, ClientUpdate, Heatmap, Method
 from fedray.methods.lowrank import LowRank, fro_norm
-from fedray.results import ClientResult
-from fedray.tracking import Tracker
+from fedray.tracking.live_metrics import LiveMetrics
+from fedray.tracking.names import EVAL_METRICS
+from fedray.tracking.store import Tracker
+from fedray.worker.results import ClientResult
 
 #: Marks the end of a round's results in the actor's queue.
 _END = None
@@ -55,10 +56,8 @@ class _RoundLog:
     failures: dict[str, str] = field(default_factory=dict)
     clipped: int = 0
     head_sum: dict[str, torch.Tensor] | None = None
-    #: Fed-PLoRA, last round: per client, {module j: its trained factors, flattened}.
-    modules: list[dict[int, torch.Tensor]] = field(default_factory=list)
-    #: HETLoRA with self-pruning: how many clients pruned their tail (None: not asked to).
-    pruned: int | None = None
+    #: What the method's client hooks reported, summed over the round's clients.
+    method_sums: dict[str, float] = field(default_factory=dict)
 
 
 @ray.remote(num_cpus=0)
@@ -73,6 +72,7 @@ class Aggregator:
     def __init__(
         self,
         spec: Spec,
+        method_class: type[Method],
         shapes: Mapping[str, tuple[int, int]],
         head: Mapping[str, torch.Tensor] | None,
         tracking_uri: str,
@@ -81,24 +81,19 @@ class Aggregator:
         # The actor shares cores with client tasks: extra BLAS threads would spin, not help.
         torch.set_num_threads(spec.resources.aggregator_threads)
         self.spec = spec
-        self.method = create_method(
-            spec.method, shapes, spec.max_rank, scale=spec.scale, seed=spec.seed, **spec.method_options
-        )
+        # The class, not its name: a method registered on the driver alone is known here too.
+        self.method = method_class(shapes, spec.max_rank, scale=spec.scale, seed=spec.seed, **spec.method_options)
         self.head = dict(head) if head else None
         self.tracker = Tracker(tracking_uri, run_id)
         self.live = LiveMetrics(run_id, spec.method)
-        self.inits: dict[int, ClientInit] = {}
         self.workers: dict[str, dict[str, Any]] = {}
-        self.last_modules: list[dict[int, torch.Tensor]] = []
         self._round: _Round | None = None
         self._client_seconds: list[float] = []
 
     # ------------------------------------------------------------ between rounds
 
     def client_init(self, client_id: int, rank: int) -> ClientInit:
-        init = self.method.client_init(client_id, rank)
-        self.inits[client_id] = init
-        return init
+        return self.method.client_init(client_id, rank)
 
     def global_head(self) -> dict[str, torch.Tensor] | None:
         return self.head
@@ -118,12 +113,13 @@ class Aggregator:
         """Record a finished round in MLflow and the live metrics."""
         self.tracker.log_metrics(round_index, metrics)
         self.live.record_round(metrics, self._client_seconds)
-        for name in ("eval_accuracy", "eval_rougeL"):
+        for name in EVAL_METRICS.values():
             if name in metrics:
                 self.live.record_eval(metrics[name])
 
-    def module_factors(self) -> list[dict[int, torch.Tensor]]:
-        return self.last_modules
+    def heatmaps(self) -> dict[str, Heatmap]:
+        """The method's figures of its last aggregated round."""
+        return self.method.heatmaps()
 
     def worker_builds(self) -> dict[str, dict[str, Any]]:
         """Per worker process, how many times it built the base model, and where it ran."""
@@ -131,10 +127,10 @@ class Aggregator:
 
     # ------------------------------------------------------------------- a round
 
-    def begin_round(self, collect_modules: bool, clients: list[int]) -> None:
+    def begin_round(self, clients: list[int]) -> None:
         """Open a round of ``clients`` (the sample, by id): their updates are aggregated in that order."""
         assert self._round is None, "a round is already open"
-        self._round = _Round(self, collect_modules, clients)
+        self._round = _Round(self, clients)
 
     def add(self, result_box: list) -> None:
         """Queue one client's result (``result_box[0]`` is its ObjectRef, left unresolved)."""
@@ -155,17 +151,12 @@ class Aggregator:
         current.thread.join()
         if current.error is not None:
             self.method.abandon_round()
-            self.inits.clear()
             raise current.error
         stats, log = current.stats, current.log
         if log.head_sum is not None:
             self.head = {name: total / log.examples for name, total in log.head_sum.items()}
-        if current.collect_modules:
-            self.last_modules = log.modules
         self._client_seconds = log.client_seconds
-        self.inits.clear()
-        pruned = {} if log.pruned is None else {"clients_pruned": float(log.pruned)}
-        return pruned | {
+        return log.method_sums | {
             "train_loss": log.weighted_loss / log.examples,
             "init_noise": stats.init_noise,
             "init_noise_rel": stats.init_noise_rel,
@@ -188,7 +179,6 @@ class Aggregator:
             self._round.abandon()
             self._round = None
         self.method.abandon_round()
-        self.inits.clear()
 
     # ----------------------------------------------------------------- internals
 
@@ -220,38 +210,27 @@ class Aggregator:
             {k: v * shrink for k, v in update.A.items()},
         )
 
-    def _record_result(self, result: ClientResult, log: _RoundLog, collect_modules: bool) -> None:
+    def _record_result(self, result: ClientResult, log: _RoundLog) -> None:
         worker = result.metrics.pop("worker")
         self.workers[f"{worker['node_id']}:{worker['pid']}"] = worker
         n = result.update.num_examples
         log.client_seconds.append(result.metrics["seconds"])
         log.weighted_loss += result.metrics["train_loss"] * n
         log.examples += n
-        if "pruned" in result.metrics:
-            log.pruned = (log.pruned or 0) + int(result.metrics["pruned"])
+        for name, value in result.method_metrics.items():
+            log.method_sums[name] = log.method_sums.get(name, 0.0) + value
         if result.head is not None:
             if log.head_sum is None:
                 log.head_sum = {name: torch.zeros_like(value) for name, value in result.head.items()}
             for name, value in result.head.items():
                 log.head_sum[name] += n * value
-        if collect_modules:
-            log.modules.append(self._module_vectors(result.update))
-
-    def _module_vectors(self, update: ClientUpdate) -> dict[int, torch.Tensor]:
-        modules = self.inits[update.client_id].modules
-        vectors: dict[int, list[torch.Tensor]] = {}
-        for layer, chosen in modules.items():
-            for column, j in enumerate(chosen.tolist()):
-                vectors.setdefault(j, []).extend([update.B[layer][:, column], update.A[layer][column]])
-        return {j: torch.cat(parts) for j, parts in vectors.items()}
 
 
 class _Round:
     """One round's background aggregation inside the actor."""
 
-    def __init__(self, owner: Aggregator, collect_modules: bool, clients: list[int]) -> None:
+    def __init__(self, owner: Aggregator, clients: list[int]) -> None:
         self.owner = owner
-        self.collect_modules = collect_modules
         self.clients = clients
         self.results: queue.Queue = queue.Queue()
         self.log = _RoundLog()
@@ -309,5 +288,5 @@ class _Round:
     def _take(self, entry: tuple[ClientResult, ClientUpdate] | None) -> Iterator[ClientUpdate]:
         if entry is not None:
             result, update = entry
-            self.owner._record_result(result, self.log, self.collect_modules)
+            self.owner._record_result(result, self.log)
             yield update

@@ -23,14 +23,11 @@ from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from fedray.tracking import check_tracking_uri, default_tracking_uri
+from fedray.tracking.names import EVAL_METRICS
+from fedray.tracking.store import check_tracking_uri, default_tracking_uri
 
-#: Where ``fedray run`` keeps its sqlite store by default (``runs/mlflow.db``).
-DEFAULT_RUNS_ROOT = Path("runs")
 #: The report goes to this folder / <experiment> unless --out names one.
 DEFAULT_REPORTS_ROOT = Path("reports")
-#: The headline evaluation metric, first found wins: classification, then generation.
-EVAL_METRICS = ("eval_accuracy", "eval_rougeL")
 #: Runs fetched per search_runs call.
 SEARCH_PAGE_SIZE = 1000
 #: Group i (in sorted order) has colour i of this map in every plot.
@@ -78,7 +75,7 @@ class Report:
 
 def write_report(experiment: str, *, tracking_uri: str | None = None, out_dir: str | Path | None = None) -> Report:
     """Read ``experiment``'s FINISHED runs from ``tracking_uri`` and write plots, table.md and report.html."""
-    tracking_uri = tracking_uri or default_tracking_uri(DEFAULT_RUNS_ROOT)
+    tracking_uri = tracking_uri or default_tracking_uri()
     client = _open(tracking_uri)
     runs = _finished_runs(client, experiment, tracking_uri)
     eval_metric = _eval_metric(runs, experiment)
@@ -182,10 +179,10 @@ def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> lis
 
 def _eval_metric(runs: list[Run], experiment: str) -> str:
     logged = {key for run in runs for key in run.data.metrics}
-    for metric in EVAL_METRICS:
+    for metric in EVAL_METRICS.values():  # the headline metric: first found wins, classification first
         if metric in logged:
             return metric
-    raise ReportError(f"the runs of experiment {experiment!r} log none of {', '.join(EVAL_METRICS)}")
+    raise ReportError(f"the runs of experiment {experiment!r} log none of {', '.join(EVAL_METRICS.values())}")
 
 
 def _runs_frame(runs: list[Run]) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Local training and evaluation on the real MiniLM and real Rotten Tomatoes data."""
+"""The workbench: local training and evaluation on the real MiniLM and real Rotten Tomatoes data."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedray.client import Workbench, train_client
 from fedray.config import load_spec
 from fedray.data import load_dataset
 from fedray.methods import ClientUpdate, create_method
 from fedray.models import ModelSpec, export_base, load_base
+from fedray.worker.workbench import Workbench
 
 SCALE = 2.0
 
@@ -56,12 +56,16 @@ def test_training_lowers_the_loss_and_beats_chance_without_touching_the_base(ben
     shard = split.train.subset(np.arange(320))
     test = split.test.subset(np.arange(300))
     head = bench.head_state()
-    start = bench.evaluate(method.global_delta(), shard, spec, head=head)
+    start = bench.evaluate(method.global_delta(), shard, spec.eval, max_seq_len=spec.train.max_seq_len, head=head)
 
-    result = train_client(bench, method.client_init(0, 4), shard, spec, head=head, seed=0)
+    result = bench.train(method.client_init(0, 4), shard, spec.train, head=head, seed=0)
     method.aggregate([result.update])
-    trained = bench.evaluate(method.global_delta(), shard, spec, head=result.head)
-    tested = bench.evaluate(method.global_delta(), test, spec, head=result.head)
+    trained = bench.evaluate(
+        method.global_delta(), shard, spec.eval, max_seq_len=spec.train.max_seq_len, head=result.head
+    )
+    tested = bench.evaluate(
+        method.global_delta(), test, spec.eval, max_seq_len=spec.train.max_seq_len, head=result.head
+    )
 
     assert trained["eval_loss"] < start["eval_loss"] - 0.05
     assert tested["eval_accuracy"] > 0.6  # two balanced classes: chance is 0.5
@@ -107,7 +111,7 @@ def test_same_seed_same_client(bench, split):
     results = []
     for _ in range(2):
         method = create_method("hlora", bench.layers, 4, scale=SCALE, seed=0)
-        results.append(train_client(bench, method.client_init(0, 2), shard, spec, head=bench.head_state(), seed=5))
+        results.append(bench.train(method.client_init(0, 2), shard, spec.train, head=bench.head_state(), seed=5))
     for layer in bench.layers:
         assert torch.equal(results[0].update.B[layer], results[1].update.B[layer])
     assert results[0].metrics["train_loss"] == results[1].metrics["train_loss"]
@@ -116,7 +120,7 @@ def test_same_seed_same_client(bench, split):
 def test_empty_shard_is_refused(bench, split):
     method = create_method("flora", bench.layers, 4)
     with pytest.raises(ValueError, match="client 0 has an empty shard"):
-        train_client(bench, method.client_init(0, 2), split.train.subset([]), _spec(local_steps=1))
+        bench.train(method.client_init(0, 2), split.train.subset([]), _spec(local_steps=1).train)
 
 
 def test_smollm2_trains_and_scores_titles(smollm2):
@@ -136,10 +140,12 @@ def test_smollm2_trains_and_scores_titles(smollm2):
     bench = Workbench(export_base(smollm2))
     assert len(bench.layers) == 60  # q_proj and v_proj of 30 layers
     method = create_method("hlora", bench.layers, 4, scale=SCALE)
-    result = train_client(bench, method.client_init(0, 2), split.train.subset(np.arange(4)), spec)
+    result = bench.train(method.client_init(0, 2), split.train.subset(np.arange(4)), spec.train)
     assert np.isfinite(result.metrics["train_loss"])
     method.aggregate([result.update])
-    metrics = bench.evaluate(method.global_delta(), split.test.subset(np.arange(4)), spec)
+    metrics = bench.evaluate(
+        method.global_delta(), split.test.subset(np.arange(4)), spec.eval, max_seq_len=spec.train.max_seq_len
+    )
     assert 0.0 <= metrics["eval_rougeL"] <= 1.0 and np.isfinite(metrics["eval_loss"])
 
 
@@ -148,13 +154,13 @@ def test_hetlora_client_prunes_a_tail_the_regulariser_shrank(bench, split):
     shard = split.train.subset(np.arange(64))
     method = create_method("hetlora", bench.layers, 4, scale=SCALE, seed=0, prune_weight=50.0, prune_gamma=0.5)
     # Round 0 starts from B = 0: the tail cannot shrink below zero, so nobody prunes.
-    fresh = train_client(bench, method.client_init(0, 4), shard, spec, seed=0)
-    assert fresh.metrics["pruned"] == 0.0 and fresh.update.rank == 4
+    fresh = bench.train(method.client_init(0, 4), shard, spec.train, seed=0)
+    assert fresh.method_metrics == {"clients_pruned": 0.0} and fresh.update.rank == 4
     method.aggregate([fresh.update])
     # Now the global tail is not zero; a strong regulariser shrinks it and the client prunes.
     init = method.client_init(1, 4)
-    result = train_client(bench, init, shard, spec, seed=0)
-    assert result.metrics["pruned"] == 1.0
+    result = bench.train(init, shard, spec.train, seed=0)
+    assert result.method_metrics == {"clients_pruned": 1.0}
     assert result.update.rank == dict.fromkeys(bench.layers, 2)
     assert all(B.shape[1] == 2 for B in result.update.B.values())
     method.aggregate([result.update])

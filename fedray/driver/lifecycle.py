@@ -1,0 +1,205 @@
+"""A run from start to end on the Ray driver: ``run`` starts one, ``resume`` continues one.
+
+Everything that can fail on bad input (spec, data, model, tracking store, Ray address)
+is checked before the first client trains. Then the driver connects to Ray, puts the base
+model in the object store once, starts the aggregation actor and plays the rounds
+(``fedray.driver.rounds``); at the end it exports the adapter and the method's figures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from rich.console import Console
+
+import fedray
+from fedray.config import Spec, SpecError, load_spec
+from fedray.driver import outputs
+from fedray.driver.aggregator import Aggregator
+from fedray.driver.checkpoint import Checkpoint, read_checkpoint
+from fedray.driver.cluster import check_services, connect_ray
+from fedray.driver.outputs import RunSummary
+from fedray.driver.prepare import Prepared, prepare
+from fedray.driver.rounds import RunContext, RunFailed, play_round
+from fedray.methods import METHODS
+from fedray.models import export_base, head_state, target_layers
+from fedray.tracking.names import EVAL_METRICS
+from fedray.tracking.store import DEFAULT_RUNS_ROOT, Tracker, default_tracking_uri
+
+__all__ = ["RunFailed", "RunSummary", "resume", "run"]
+
+#: Spec fields a resumed run may change with --allow-spec-change (they alter no past round).
+SAFE_TO_CHANGE = ("rounds", "eval.", "resources.", "reliability.client_timeout_s", "reliability.client_retries")
+
+
+def run(
+    spec: Spec,
+    *,
+    run_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    """Run ``spec`` from its first round to the end."""
+    if run_dir is None:
+        runs_root = DEFAULT_RUNS_ROOT
+        run_dir = runs_root / spec.name / datetime.now().strftime("%Y%m%d-%H%M%S")
+    else:
+        run_dir = Path(run_dir)
+        runs_root = run_dir.parent
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run directory {run_dir} already holds a run; choose a new --run-dir or --resume it")
+    tracking_uri = tracking_uri or default_tracking_uri(runs_root)
+    prepared = _prepare(spec, run_dir, tracking_uri, address)
+    (run_dir / "partition.json").write_text(json.dumps(prepared.partition.stats, indent=1))
+    tracker = Tracker.start(
+        tracking_uri,
+        spec.name,
+        artifact_root=runs_root / "mlartifacts",
+        run_name=run_dir.name,
+        params=spec.flat(),
+        tags=_tags(spec),
+    )
+    return _execute(spec, run_dir, tracker, prepared, address, progress, first_round=0)
+
+
+def resume(
+    run_dir: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    allow_spec_change: bool = False,
+    address: str | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    """Continue ``run_dir`` from its last complete round, in the same MLflow run."""
+    run_dir = Path(run_dir)
+    saved = load_spec(run_dir / "spec.yaml")
+    spec = load_spec(run_dir / "spec.yaml", overrides)
+    changed = sorted(k for k, v in spec.flat().items() if saved.flat().get(k) != v)
+    if changed:
+        unsafe = [k for k in changed if not k.startswith(SAFE_TO_CHANGE)]
+        if not allow_spec_change or unsafe:
+            hint = (
+                f"{unsafe} cannot change in a resumed run; start a new run instead"
+                if unsafe
+                else "pass --allow-spec-change to accept them"
+            )
+            raise SpecError(f"resuming {run_dir} with a changed spec ({', '.join(changed)}): {hint}")
+    checkpoint = read_checkpoint(run_dir)
+    info = checkpoint.info
+    if info["spec_digest"] != saved.digest():
+        raise SpecError(f"{run_dir}/spec.yaml does not match its checkpoint; restore it or start a new run")
+    prepared = _prepare(spec, run_dir, info["tracking_uri"], address)
+    tracker = Tracker(info["tracking_uri"], info["run_id"])
+    MlflowClient(info["tracking_uri"]).update_run(info["run_id"], status="RUNNING")
+    done = info["round"]
+    outputs.restore_metrics(run_dir, info["metrics"])
+    # The checkpoint is written before its round is logged: log it if that never happened.
+    if not any(m.step == done for m in MlflowClient(tracker.uri).get_metric_history(tracker.run_id, "clients_ok")):
+        tracker.log_metrics(done, outputs.numbers(info["metrics"]))
+    return _execute(spec, run_dir, tracker, prepared, address, progress, first_round=done + 1, checkpoint=checkpoint)
+
+
+def _prepare(spec: Spec, run_dir: Path, tracking_uri: str, address: str | None) -> Prepared:
+    """Check the services, build the run's inputs, then (re)write ``spec.yaml``."""
+    check_services(tracking_uri, address)
+    prepared = prepare(spec)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
+    return prepared
+
+
+def _execute(
+    spec: Spec,
+    run_dir: Path,
+    tracker: Tracker,
+    prepared: Prepared,
+    address: str | None,
+    progress: bool,
+    *,
+    first_round: int,
+    checkpoint: Checkpoint | None = None,
+) -> RunSummary:
+    console = Console(stderr=True, quiet=not progress)
+    base = prepared.base
+    status = "FAILED"
+    aggregator = None
+    try:
+        connect_ray(address, spec)
+        shapes = target_layers(base.model, base.target_modules)
+        # On the driver's node: the tracking URI and paths the user gave are valid there, and
+        # the actor never keeps an autoscaled GPU worker alive (or dies with a spot one).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        aggregator = Aggregator.options(scheduling_strategy=here).remote(
+            spec, METHODS[spec.method], shapes, head_state(base.model) or None, tracker.uri, tracker.run_id
+        )
+        if checkpoint is not None:
+            ray.get(aggregator.load_state.remote(checkpoint.method_state, checkpoint.head))
+        context = RunContext(
+            spec=spec,
+            run_dir=run_dir,
+            shards=prepared.partition.shards,
+            client_ranks=prepared.client_ranks,
+            shared_ref=ray.put(export_base(base)),
+            aggregator=aggregator,
+            tracker=tracker,
+        )
+        metric_name = EVAL_METRICS[prepared.task]
+        console.print(f"fedray: run [bold]{tracker.run_id}[/] of experiment [bold]{spec.name}[/] in {run_dir}")
+        summary = RunSummary(run_dir, tracker.uri, tracker.run_id, spec.name)
+        with outputs.progress_bar(console) as bar:
+            task = bar.add_task("rounds", total=spec.rounds, completed=first_round, info="")
+            for round_index in range(first_round, spec.rounds):
+                record = play_round(context, round_index, lambda info: bar.update(task, info=info))
+                summary.rounds.append(record)
+                last = record.get(metric_name)
+                bar.update(task, advance=1, info=f"{metric_name}={last:.3f}" if last is not None else "")
+        state, heatmaps = ray.get([aggregator.global_state.remote(), aggregator.heatmaps.remote()])
+        outputs.export(run_dir, state, heatmaps, base, spec, tracker)
+        summary.final_metrics = outputs.final_metrics(run_dir)
+        summary.worker_builds = ray.get(aggregator.worker_builds.remote())
+        (run_dir / "workers.json").write_text(json.dumps(summary.worker_builds, indent=1))
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        if aggregator is not None:
+            ray.get(aggregator.abandon_round.remote())
+        raise
+    finally:
+        tracker.end(status)
+        if aggregator is not None:
+            ray.kill(aggregator)
+    outputs.print_summary(console, summary)
+    return summary
+
+
+def _tags(spec: Spec) -> dict[str, str]:
+    tags = {
+        "method": spec.method,
+        "label": spec.label or spec.method,
+        "model": spec.model,
+        "dataset": spec.dataset,
+        "partition": spec.partition,
+        "fedray_version": fedray.__version__,
+    }
+    commit = _git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    return tags
+
+
+def _git_commit() -> str | None:
+    try:
+        found = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found.stdout.strip() or None

@@ -1,0 +1,129 @@
+"""What a run leaves behind and shows: ``metrics.jsonl``, the exported adapter, the
+method's figures, MLflow artifacts, the progress bar and the closing summary."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedray.config import Spec
+from fedray.methods import Heatmap
+from fedray.models import Base
+from fedray.tracking.store import Tracker
+
+#: One line of metrics per round.
+METRICS_FILE = "metrics.jsonl"
+#: Files and folders of a run directory that go to MLflow as artifacts (figures are added).
+ARTIFACTS = ("spec.yaml", "partition.json", METRICS_FILE, "adapter")
+
+
+@dataclass
+class RunSummary:
+    """What a finished run leaves behind."""
+
+    run_dir: Path
+    tracking_uri: str
+    run_id: str
+    experiment: str
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    worker_builds: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def ui_command(self) -> str:
+        if self.tracking_uri.startswith("http"):
+            return f"open {self.tracking_uri}"
+        return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+
+
+def numbers(record: dict[str, Any]) -> dict[str, float]:
+    """The numeric metrics of a round's record, for MLflow."""
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float) and k != "round"}
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    with (run_dir / METRICS_FILE).open("a") as metrics_file:
+        metrics_file.write(json.dumps(record) + "\n")
+
+
+def restore_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Make ``metrics.jsonl`` end at the checkpointed round ``record``.
+
+    The line of that round is written after its checkpoint, so a kill may have left it
+    missing or cut off halfway: the checkpoint's own copy of the record replaces it.
+    """
+    path = run_dir / METRICS_FILE
+    lines = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            break  # the line the kill cut off: only ever the last
+        if entry["round"] < record["round"]:
+            lines.append(line)
+    path.write_text("".join(line + "\n" for line in [*lines, json.dumps(record)]))
+
+
+def final_metrics(run_dir: Path) -> dict[str, float]:
+    """The evaluation metrics of the run's last round."""
+    lines = (run_dir / METRICS_FILE).read_text().splitlines()
+    last = json.loads(lines[-1])
+    return {k: v for k, v in last.items() if k.startswith("eval_")}
+
+
+def export(
+    run_dir: Path,
+    state: tuple[dict, dict | None],
+    heatmaps: dict[str, Heatmap],
+    base: Base,
+    spec: Spec,
+    tracker: Tracker,
+) -> None:
+    """Write the final adapter (``state = (global_delta, head)``) and the method's figures; log them as artifacts."""
+    from fedray.driver.figures import draw_heatmap
+    from fedray.export import export_adapter
+
+    global_delta, head = state
+    info = export_adapter(
+        run_dir / "adapter",
+        base_model=base.model,
+        global_delta=global_delta,
+        head=head,
+        scale=spec.scale,
+        max_rank=spec.max_rank,
+        source=spec.model,
+        model_spec=base.spec,
+    )
+    tracker.log_metrics(spec.rounds - 1, {"adapter_dropped_fraction": info.dropped_fraction})
+    figures = []
+    for stem, heatmap in heatmaps.items():
+        draw_heatmap(heatmap, run_dir / f"{stem}.png")
+        figures.append(f"{stem}.png")
+    for name in (*ARTIFACTS, *figures):
+        path = run_dir / name
+        if path.exists():
+            tracker.log_artifact(path, "adapter" if name == "adapter" else None)
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]fedray"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def print_summary(console: Console, summary: RunSummary) -> None:
+    final = ", ".join(f"{k}={v:.4f}" for k, v in summary.final_metrics.items())
+    console.print(f"final: {final}")
+    console.print(f"run directory: {summary.run_dir}")
+    console.print(f"MLflow run id: {summary.run_id} (experiment {summary.experiment})")
+    console.print(f"open the MLflow UI: {summary.ui_command}")
