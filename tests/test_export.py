@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from fedray.export import BASE_SPEC_FILE, ExportInfo, export_adapter, load_adapter
 from fedray.methods.lowrank import LowRank
-from fedray.models import Base, ModelSpec, export_base, load_base
+from fedray.models import Base, ModelSpec, export_base, head_state, load_base
 from fedray.worker.workbench import Workbench
 
 SENTENCES = [
@@ -79,7 +79,7 @@ def random_delta(bench: Workbench, rank: int, seed: int) -> dict[str, torch.Tens
 
 def random_head(bench: Workbench, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(value.shape, generator=generator) for name, value in bench.head_state().items()}
+    return {name: torch.randn(value.shape, generator=generator) for name, value in head_state(bench.model).items()}
 
 
 def encoded(base: Base) -> dict[str, torch.Tensor]:
@@ -249,7 +249,7 @@ def test_export_rejects_a_delta_that_does_not_fit_the_model(
 def test_export_rejects_a_head_that_does_not_fit_the_model(
     minilm: Base, bench: Workbench, tmp_path: Path, wrong: str
 ) -> None:
-    head = bench.head_state()
+    head = head_state(bench.model)
     if wrong == "shape":
         head = {name: torch.zeros(value.shape[0] + 1, *value.shape[1:]) for name, value in head.items()}
     else:

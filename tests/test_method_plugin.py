@@ -15,7 +15,7 @@ from fedray.config import load_spec
 from fedray.driver.checkpoint import read_checkpoint
 from fedray.driver.lifecycle import run
 from fedray.methods import METHODS, ClientHook, ClientInit, ClientUpdate, method_from_state, register_method
-from fedray.methods.base import AdapterMethod
+from fedray.methods.adapter import AdapterMethod
 
 #: The hook's L2 pull on B, and the value it reports per client.
 PULL = 0.5

@@ -9,8 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedray.methods import METHODS, ClientUpdate, create_method, load_state, save_state
-from fedray.methods.base import NO_HOOK
+from fedray.methods import METHODS, NO_HOOK, ClientUpdate, create_method, load_state, save_state
 
 SHAPES = {"q": (12, 10), "v": (8, 10)}
 SCALE = 2.0

@@ -63,7 +63,7 @@ def test_a_tier_too_small_for_any_rank_names_the_tier_and_the_memory_that_works(
     ("override", "message"),
     [
         (tiers(("a", 1.0, 0.5), ("a", 2.0, 0.5)), "names .* repeat"),
-        (tiers(("a", 1.0, 0.5), ("b", 2.0, 0.4)), "must sum to 1"),
+        (tiers(("a", 1.0, 0.5), ("b", 2.0, 0.4)), r"tier shares=\[0.5, 0.4\] sums to 0.9; make them sum to 1"),
         ("rank_tiers=[]", "rank_tiers: tiers is empty"),
         (tiers(("a", 0.0, 1.0)), "memory_gb"),
     ],

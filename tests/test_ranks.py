@@ -142,7 +142,7 @@ def test_tier_that_fits_no_rank_names_it_and_the_budget_that_works():
         ({"tiers": [ResourceTier("a", 1.0, 1.0)]}, r"tiers need memory_model=MemoryModel"),
         ({"tiers": [ResourceTier("a", 1.0, 0.5)], "memory_model": MINILM}, r"tier shares=\[0.5\] sums to 0.5"),
         ({"tiers": [ResourceTier("a", 1.0, 0.5)] * 2, "memory_model": MINILM}, "give each tier a distinct name"),
-        ({"tiers": [ResourceTier("a", 1.0, 1.0)], "proportions": [1.0]}, "give each tier its share instead"),
+        ({"tiers": [ResourceTier("a", 1.0, 1.0)], "proportions": [1.0]}, "proportions and tiers both split clients"),
     ],
 )
 def test_invalid_input_names_what_to_change(arguments, message):

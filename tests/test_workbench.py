@@ -11,7 +11,7 @@ import torch
 from fedray.config import load_spec
 from fedray.data import load_dataset
 from fedray.methods import ClientUpdate, create_method
-from fedray.models import ModelSpec, export_base, load_base
+from fedray.models import ModelSpec, export_base, head_state, load_base
 from fedray.worker.workbench import Workbench
 
 SCALE = 2.0
@@ -55,7 +55,7 @@ def test_training_lowers_the_loss_and_beats_chance_without_touching_the_base(ben
     method = create_method("fedplora", bench.layers, 8, scale=SCALE, seed=0)
     shard = split.train.subset(np.arange(320))
     test = split.test.subset(np.arange(300))
-    head = bench.head_state()
+    head = head_state(bench.model)
     start = bench.evaluate(method.global_delta(), shard, spec.eval, max_seq_len=spec.train.max_seq_len, head=head)
 
     result = bench.train(method.client_init(0, 4), shard, spec.train, head=head, seed=0)
@@ -111,7 +111,7 @@ def test_same_seed_same_client(bench, split):
     results = []
     for _ in range(2):
         method = create_method("hlora", bench.layers, 4, scale=SCALE, seed=0)
-        results.append(bench.train(method.client_init(0, 2), shard, spec.train, head=bench.head_state(), seed=5))
+        results.append(bench.train(method.client_init(0, 2), shard, spec.train, head=head_state(bench.model), seed=5))
     for layer in bench.layers:
         assert torch.equal(results[0].update.B[layer], results[1].update.B[layer])
     assert results[0].metrics["train_loss"] == results[1].metrics["train_loss"]

@@ -17,19 +17,21 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fedray.methods.base import ClientHook, ClientId, ClientInit, ClientUpdate, Heatmap, Method, Rank, RoundStats
+from fedray.methods.base import Method
 from fedray.methods.fedit import FedIT
 from fedray.methods.fedplora import FedPLoRA
 from fedray.methods.flexlora import FlexLoRA
 from fedray.methods.flora import FLoRA
 from fedray.methods.hetlora import HETLoRA
 from fedray.methods.hlora import HLoRA
+from fedray.methods.messages import NO_HOOK, ClientHook, ClientId, ClientInit, ClientUpdate, Heatmap, Rank, RoundStats
 
 #: The registry: a method's name -> its class. A new method is one module and one entry here.
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FedIT, FLoRA, FlexLoRA, HETLoRA, HLoRA, FedPLoRA)}
 
 __all__ = [
     "METHODS",
+    "NO_HOOK",
     "ClientHook",
     "ClientId",
     "ClientInit",

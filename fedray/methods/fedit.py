@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedray.methods.base import AdapterMethod, ClientAverage, ClientId, ClientInit, ClientUpdate, Handout, Rank
+from fedray.methods.adapter import AdapterMethod, ClientAverage
+from fedray.methods.messages import ClientId, ClientInit, ClientUpdate, Handout, Rank
 
 
 @dataclass

@@ -19,17 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedray.methods.base import (
-    AdapterMethod,
-    ClientAverage,
-    ClientId,
-    ClientInit,
-    ClientUpdate,
-    Handout,
-    Heatmap,
-    Rank,
-)
+from fedray.methods.adapter import AdapterMethod, ClientAverage
 from fedray.methods.lowrank import LowRank, compact
+from fedray.methods.messages import ClientId, ClientInit, ClientUpdate, Handout, Heatmap, Rank
 
 #: Cosine similarities lie in [-1, 1].
 SIMILARITY_RANGE = (-1.0, 1.0)

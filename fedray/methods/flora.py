@@ -12,8 +12,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fedray.methods.base import FACTOR_DTYPE, ClientId, ClientInit, ClientUpdate, Handout, Method, Rank
+from fedray.methods.base import Method
 from fedray.methods.lowrank import Fold, LowRank, LowRankSum
+from fedray.methods.messages import FACTOR_DTYPE, ClientId, ClientInit, ClientUpdate, Handout, Rank
 
 
 class FLoRA(Method):

@@ -22,18 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedray.methods.base import (
-    NO_HOOK,
-    AdapterMethod,
-    ClientAverage,
-    ClientHook,
-    ClientId,
-    ClientInit,
-    ClientUpdate,
-    Handout,
-    Rank,
-)
+from fedray.methods.adapter import AdapterMethod, ClientAverage
 from fedray.methods.lowrank import LowRank, fro_norm
+from fedray.methods.messages import NO_HOOK, ClientHook, ClientId, ClientInit, ClientUpdate, Handout, Rank
 
 WEIGHTINGS = ("norm", "data")
 #: Keeps the tail norm's square root differentiable at a zero tail.

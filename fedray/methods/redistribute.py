@@ -16,8 +16,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fedray.methods.base import FACTOR_DTYPE, ClientId, ClientInit, ClientUpdate, Handout, Method, Rank
+from fedray.methods.base import Method
 from fedray.methods.lowrank import SVD, Fold, LowRank, LowRankSum, svd
+from fedray.methods.messages import FACTOR_DTYPE, ClientId, ClientInit, ClientUpdate, Handout, Rank
 
 
 class SVDRedistribution(Method):

@@ -102,17 +102,8 @@ def evaluate_round(
 
 
 @ray.remote(max_calls=0, max_retries=0)
-def train_task(
-    run_key: str,
-    shared_box: list,
-    init: ClientInit,
-    indices,
-    spec: Spec,
-    head: Mapping[str, torch.Tensor] | None,
-    seed: int,
-    attempt: int = 0,
-) -> Iterator[str | dict[str, Any] | ClientResult]:
-    """``client_round`` as a Ray generator task.
+def train_task(*client_round_args: Any) -> Iterator[str | dict[str, Any] | ClientResult]:
+    """``client_round(*client_round_args)`` as a Ray generator task.
 
     Yields ``STARTED`` as it begins (the driver's timeout clock starts there, not while the
     task waits for a slot or a new worker process), then a small status the driver reads,
@@ -120,8 +111,8 @@ def train_task(
     injected faults and timeouts count the same way.
     """
     yield STARTED
-    result = client_round(run_key, shared_box, init, indices, spec, head, seed, attempt)
-    yield {"client_id": init.client_id, "seconds": result.metrics["seconds"], **result.metrics["worker"]}
+    result = client_round(*client_round_args)
+    yield {"client_id": result.update.client_id, "seconds": result.metrics["seconds"], **result.metrics["worker"]}
     yield result
 
 

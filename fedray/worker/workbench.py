@@ -16,6 +16,7 @@ Plain torch, transformers and peft: no Ray, no MLflow, so it runs anywhere those
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -26,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fedray.config import EvalSpec, TrainSpec
 from fedray.data import TextDataset, make_batches
-from fedray.methods import ClientInit
+from fedray.methods import ClientInit, ClientUpdate
 from fedray.models import PEFT_PREFIX, SharedBase, build_model, head_state, lora_model, target_layers
 from fedray.worker import evaluation, training
 from fedray.worker.results import ClientResult
@@ -53,10 +54,6 @@ class Workbench:
         self._linears = {name: self.model.get_submodule(name) for name in self.layers}
         self.head_names = list(head_state(self.model))
 
-    def head_state(self) -> dict[str, torch.Tensor]:
-        """A copy of the base model's task head (the start of the global head)."""
-        return head_state(self.model)
-
     def train(
         self,
         init: ClientInit,
@@ -66,8 +63,50 @@ class Workbench:
         head: Mapping[str, torch.Tensor] | None = None,
         seed: int = 0,
     ) -> ClientResult:
-        """One client's round: train ``init``'s factors (and the head, if ``settings.train_head``) on ``shard``."""
-        return training.train_client(self, init, shard, settings, head=head, seed=seed)
+        """One client's round: train ``init``'s factors (and the head, if ``settings.train_head``) on ``shard``.
+
+        The client's method has its say through ``init.hook`` (an extra loss term, a last
+        step that may shrink the update), so nothing here knows which method it trains for.
+        """
+        if len(shard) == 0:
+            raise ValueError(f"client {init.client_id!r} has an empty shard; use fewer clients or a larger dataset")
+        started = time.perf_counter()
+        torch.manual_seed(seed)
+        train_head = settings.train_head and head is not None
+        with self.client_model(init, head, train_head=train_head) as (peft_model, lora, head_params):
+            factors = [p for pair in lora.values() for p in pair]
+            trainable = factors + list(head_params.values())
+            optimizer = training.optimizer(settings, factors, list(head_params.values()))
+            losses = []
+            steps = training.num_steps(settings, len(shard))
+            peft_model.train()
+            for batch in training.cycle(self.tokenizer, shard, settings, seed, steps):
+                batch = {key: value.to(self.device) for key, value in batch.items()}
+                loss = peft_model(**batch).loss
+                objective = loss
+                extra = init.hook.loss_term(lora)
+                if extra is not None:
+                    objective = loss + extra
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                if settings.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            peft_model.eval()
+            B = {layer: pair[0].detach().cpu().clone() for layer, pair in lora.items()}
+            A = {layer: pair[1].detach().cpu().clone() for layer, pair in lora.items()}
+            trained_head = {name: p.detach().cpu().clone() for name, p in head_params.items()} or None
+        update, method_metrics = init.hook.finish(ClientUpdate(init.client_id, init.rank, len(shard), B, A), init)
+        metrics = {
+            "train_loss": float(np.mean(losses)),
+            "train_loss_last": losses[-1],
+            "examples": float(len(shard)),
+            "steps": float(steps),
+            "seconds": time.perf_counter() - started,
+            "peak_memory_bytes": float(training.peak_memory_bytes(self.device)),
+        }
+        return ClientResult(update, trained_head, metrics, method_metrics)
 
     @torch.no_grad()
     def evaluate(

@@ -1,4 +1,4 @@
-"""The whole run through the real Ray path: tasks, the aggregation actor, MLflow, outputs."""
+"""A whole run through the real Ray path (driver lifecycle, worker tasks, the aggregation actor, MLflow, outputs)."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_a_run_of_each_method(method, ray_session, tracking_uri, tmp_path, monke
     if method == "hetlora":
         pruned = {m.step: m.value for m in client.get_metric_history(summary.run_id, "clients_pruned")}
         # Logged every round; round 0 starts from B = 0, a tail that cannot shrink (the
-        # pruning itself is tested in test_client.py).
+        # pruning itself is tested in test_workbench.py).
         assert sorted(pruned) == [0, 1] and pruned[0] == 0.0
 
     # The run directory a user takes away.
