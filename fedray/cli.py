@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
 
@@ -25,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument(
         "--allow-spec-change", action="store_true", help="with --resume: accept overrides of safe fields (rounds, eval)"
     )
-    run_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    run_parser.add_argument("--quiet", action="store_true", help="no progress; the summary is still printed")
+    run_parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     report_parser = commands.add_parser("report", help="compare the runs of an experiment: plots, table, HTML")
     report_parser.add_argument("experiment", help="MLflow experiment name (the spec's name)")
     report_parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///runs/mlflow.db)")
@@ -34,19 +37,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return _report(args.experiment, args.tracking_uri, args.out)
 
+    return _run(args, parser)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     overrides = list(args.overrides)
-    if args.resume:
-        # With --resume every positional word is an override.
-        overrides = [args.spec, *overrides] if args.spec else overrides
-    elif not args.spec:
-        parser.error("name a spec file (e.g. jobs/quickstart.yaml) or --resume RUN_DIR")
+    spec = None
+    try:
+        if args.resume:
+            if args.spec and "=" not in args.spec:
+                raise SpecError(
+                    f"--resume takes no spec ({args.spec!r}): the run directory holds its own; "
+                    "pass only dotted.key=value overrides after --resume RUN_DIR"
+                )
+            # With --resume every positional word is an override.
+            overrides = [args.spec, *overrides] if args.spec else overrides
+        elif not args.spec:
+            parser.error("name a spec file (e.g. jobs/quickstart.yaml) or --resume RUN_DIR")
+        else:
+            # The spec alone, before the driver's imports: a typo fails in about a second.
+            spec = load_spec(args.spec, overrides)
+    except SpecError as error:
+        print(f"fedray: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
+    _quiet_libraries()
     from fedray.driver.lifecycle import RunFailed, resume, run
 
     try:
-        if args.resume:
-            resume(
+        if spec is None:
+            summary = resume(
                 args.resume,
                 overrides,
                 allow_spec_change=args.allow_spec_change,
@@ -54,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.quiet,
             )
         else:
-            spec = load_spec(args.spec, overrides)
-            run(
+            summary = run(
                 spec,
                 run_dir=args.run_dir,
                 tracking_uri=args.tracking_uri,
@@ -73,7 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedray: interrupted; the MLflow run is marked KILLED; continue with `fedray run --resume {run_dir}`",
               file=sys.stderr)  # fmt: skip
         return 130
+    # The summary is the command's result: stdout, whole lines, also with --quiet.
+    print(json.dumps(summary.as_json()) if args.json else "\n".join(summary.lines()), flush=True)
     return 0
+
+
+def _quiet_libraries() -> None:
+    """Keep the libraries' start-up chatter out of a run's console: MLflow's and Alembic's
+    lines on creating a new store, Ray's note that token authentication is on (the default)."""
+    for name in ("mlflow.store.db.utils", "alembic", "ray._private.authentication.authentication_token_setup"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _report(experiment: str, tracking_uri: str | None, out: str | None) -> int:

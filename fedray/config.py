@@ -175,7 +175,12 @@ class Spec(_Strict):
         try:
             create_partitioner(self.partition, **self.partition_options)
         except (ValueError, TypeError) as error:
-            raise ValueError(f"partition_options do not fit partition={self.partition}: {error}") from None
+            known = _partitioner_options(self.partition)
+            fitting = {key: value for key, value in self.partition_options.items() if key in known}
+            raise ValueError(
+                f"partition_options do not fit partition={self.partition}: {str(error).rstrip('.')}; "
+                f"keep only its options: partition_options={json.dumps(fitting, separators=(',', ':'))}"
+            ) from None
         tiers = None
         if self.rank_tiers is not None:
             tiers = [ResourceTier(tier.name, tier.memory_gb, tier.share) for tier in self.rank_tiers]
@@ -309,3 +314,12 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def _partitioner_options(name: str) -> set[str]:
+    """The keyword options partitioner ``name`` takes (``seed`` is the spec's own)."""
+    import dataclasses
+
+    from fedray.data import PARTITIONERS
+
+    return {option.name for option in dataclasses.fields(PARTITIONERS[name])} - {"seed"}

@@ -3,6 +3,7 @@ before any compute or any file is written."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def test_run_needs_a_spec_or_a_run_to_resume(capsys):
 def test_resume_of_a_directory_without_a_run_says_what_to_do(capsys, tmp_path):
     assert main(["run", "--resume", str(tmp_path)]) == EXIT_BAD_INPUT
     message = capsys.readouterr().err
-    assert message.startswith("fedray: spec file") and "does not exist" in message and message.count("\n") == 1
+    assert message.startswith(f"fedray: {tmp_path} is not a fedray run directory") and message.count("\n") == 1
     # A run directory with its spec but no complete round.
     (tmp_path / "spec.yaml").write_text((JOBS / "quickstart.yaml").read_text())
     assert main(["run", "--resume", str(tmp_path), "--quiet"]) == EXIT_BAD_INPUT
@@ -64,3 +65,136 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     assert done.returncode == EXIT_BAD_INPUT
     assert "the MLflow server at http://127.0.0.1:9 does not answer" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------ a new user's first hour
+
+#: A two-round run small enough for a test.
+TINY = [
+    "rounds=2",
+    "num_clients=4",
+    "clients_per_round=2",
+    "partition=iid",
+    "partition_options={}",
+    "dataset_options.max_examples=200",
+    "train.local_steps=1",
+    "train.batch_size=4",
+    "train.max_seq_len=16",
+    "eval.every=1",
+    "eval.max_examples=16",
+    "name=first-hour",
+]
+
+
+def _fedray(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real command, its output not a terminal (as in a log file or under ray job submit)."""
+    command = [sys.executable, "-m", "fedray.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def _one_line_error(done: subprocess.CompletedProcess, *parts: str) -> None:
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr[-3000:]
+    assert done.stderr.startswith("fedray: ") and done.stderr.count("\n") == 1, done.stderr[-3000:]
+    for part in parts:
+        assert part in done.stderr, done.stderr
+
+
+def test_a_run_in_a_log_file_has_a_line_per_round_and_its_summary_on_stdout(tmp_path):
+    run_dir = tmp_path / "runs" / "mine"
+    # What a start that failed before its first round leaves behind: a plain re-run takes it.
+    run_dir.mkdir(parents=True)
+    (run_dir / "spec.yaml").write_text("left: over\n")
+    (run_dir / "partition.json").write_text("[]")
+    tracking_uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    done = _fedray(
+        "run", str(JOBS / "quickstart.yaml"), *TINY, "--run-dir", str(run_dir), "--tracking-uri", tracking_uri
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    rounds = [line for line in done.stderr.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 2 and rounds[0].startswith("round 1/2: 2 clients ok, 0 failed, eval_accuracy=")
+    assert rounds[1].startswith("round 2/2: ") and rounds[1].endswith(" s")
+    # Nothing from the libraries before the first useful line.
+    assert done.stderr.startswith("fedray: run "), done.stderr[:2000]
+    for noise in ("Loading weights", "Creating initial MLflow database tables", "Token authentication", "Started a"):
+        assert noise not in done.stderr
+    # The summary is stdout, one line each, the UI command whole.
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("final: eval_accuracy=")
+    assert f"run directory: {run_dir}" in lines
+    assert f"open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri}" in lines
+    assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "spec.yaml").read_text() != "left: over\n"
+
+    # MLflow: the classic view, the seed as a tag, the effective label, a telling run name.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("first-hour")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (mlflow_run,) = client.search_runs([experiment.experiment_id])
+    assert mlflow_run.data.tags["seed"] == "0" and mlflow_run.data.params["label"] == "fedplora"
+    assert mlflow_run.info.run_name == "fedplora-s0-mine"
+
+    # --json and --quiet: no progress, the summary still on stdout.
+    again = _fedray(
+        "run", str(JOBS / "quickstart.yaml"), *TINY, "rounds=1", "--run-dir", str(tmp_path / "runs" / "json"),
+        "--tracking-uri", tracking_uri, "--quiet", "--json",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "round 1/1" not in again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["run_dir"] == str(tmp_path / "runs" / "json") and "eval_accuracy" in summary["final_metrics"]
+
+
+@pytest.mark.parametrize(
+    ("tracking_uri", "message"),
+    [
+        ("foo://bar", "has the unsupported scheme 'foo'"),
+        ("runs/mlflow", "is a path, and MLflow 3 tracks runs in a database; use --tracking-uri sqlite:///"),
+        ("sqlite:////typo/dir/x.db", "the folder /typo/dir of tracking URI 'sqlite:////typo/dir/x.db' does not exist"),
+    ],
+)
+def test_a_bad_tracking_uri_is_one_sentence_and_writes_nothing(tmp_path, tracking_uri, message):
+    done = _fedray(
+        "run", str(JOBS / "quickstart.yaml"), "--run-dir", "run", "--tracking-uri", tracking_uri, cwd=tmp_path
+    )
+    _one_line_error(done, message)
+    assert list(tmp_path.iterdir()) == [] and not Path("/typo").exists()
+
+
+def test_resources_the_machine_lacks_are_refused_before_anything_is_written(tmp_path):
+    done = _fedray(
+        "run", str(JOBS / "quickstart.yaml"), *TINY, "resources.num_gpus=1", "--run-dir", "run", cwd=tmp_path
+    )
+    _one_line_error(done, "resources.num_gpus=1", "lower it or join a larger cluster with --address")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_model_says_the_hub_cannot_be_reached(tmp_path):
+    done = _fedray("run", str(JOBS / "quickstart.yaml"), "model=org/no-such-model", "--run-dir", "run", cwd=tmp_path)
+    _one_line_error(done, "model 'org/no-such-model' is not on this machine and the Hub cannot be reached")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_spec_typo_fails_before_the_driver_is_imported():
+    # The driver pulls in Ray, MLflow and transformers (seconds); a typo needs only the spec.
+    check = (
+        "import sys; from fedray.cli import main; code = main(['run', 'jobs/quickstart.yaml', 'roundz=3']); "
+        "print(code, sorted({'ray', 'mlflow', 'transformers'} & {m.split('.')[0] for m in sys.modules}))"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60, cwd=JOBS.parent)
+    assert done.stdout.strip() == f"{EXIT_BAD_INPUT} []", done.stderr[-2000:]
+
+
+def test_resume_misuse_gets_one_sentence(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    _one_line_error(_fedray("run", "--resume", str(tmp_path)), "is not a fedray run directory")
+    _one_line_error(_fedray("run", str(JOBS / "quickstart.yaml"), "--resume", str(tmp_path)), "--resume takes no spec")
+
+
+def test_partition_options_that_do_not_fit_name_the_fix():
+    _one_line_error(
+        _fedray("run", str(JOBS / "quickstart.yaml"), "partition=iid"),
+        "partition_options do not fit partition=iid",
+        "partition_options={}",
+    )

@@ -127,15 +127,15 @@ def test_max_examples_keeps_a_seeded_subset():
 
 
 def _write_table(frame: pd.DataFrame, path: Path) -> None:
-    if path.suffix == ".csv":
-        frame.to_csv(path, index=False)
+    if path.suffix in (".csv", ".tsv"):
+        frame.to_csv(path, index=False, sep="\t" if path.suffix == ".tsv" else ",")
     elif path.suffix == ".jsonl":
         frame.to_json(path, orient="records", lines=True)
     else:
         frame.to_parquet(path)
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
 def test_local_file_classification_maps_string_labels(tmp_path, suffix):
     frame = pd.DataFrame(
         {"review": [f"review {i}" for i in range(20)], "verdict": ["pos", "neg"] * 10, "shop": ["a", "b"] * 10}
@@ -168,6 +168,13 @@ def test_missing_column_names_it_and_the_columns_present(tmp_path):
     pd.DataFrame({"review": ["x", "y"], "verdict": [0, 1]}).to_csv(path, index=False)
     with pytest.raises(ValueError, match=r"text_column='text'.*\['review', 'verdict'\]"):
         load_dataset(str(path), label_column="verdict")
+
+
+def test_an_empty_file_names_the_file(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("")
+    with pytest.raises(ValueError, match=r"Dataset file '.*empty.csv' is empty; give it a header row"):
+        load_dataset(str(path))
 
 
 def test_missing_file_names_the_path(tmp_path):

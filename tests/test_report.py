@@ -22,7 +22,15 @@ EXPERIMENT = "report-test"
 METHODS = {"fedit": 0, "fedplora": 1, "hlora": 2}
 SEEDS = (0, 1)
 ROUNDS = 5
-PNG_NAMES = {"eval_accuracy.png", "init_noise_rel.png", "agg_noise_rel.png", "bytes.png"}
+PNG_NAMES = {
+    "eval_accuracy.png",
+    "eval_f1_macro.png",
+    "eval_loss.png",
+    "train_loss.png",
+    "init_noise_rel.png",
+    "agg_noise_rel.png",
+    "bytes.png",
+}
 #: Pixels of one method's colour that a whole 5-round curve covers at least (a legend swatch covers far fewer).
 MIN_LINE_PIXELS = 300
 
@@ -35,9 +43,9 @@ def round_metrics(k: int, seed: int, step: int) -> dict[str, float]:
     """Every per-round metric fedray writes, with known values."""
     return {
         "eval_accuracy": accuracy(k, seed, step),
-        "eval_loss": 0.7 - 0.01 * step,
+        "eval_loss": 0.7 - 0.01 * step - 0.1 * k,
         "eval_f1_macro": accuracy(k, seed, step) - 0.05,
-        "train_loss": 0.69 - 0.02 * step,
+        "train_loss": 0.69 - 0.02 * step - 0.1 * k,
         "init_noise": 1.0 + k,
         "init_noise_rel": 0.1 * (k + 1) + 0.01 * step + 0.005 * seed,
         "agg_noise": 0.5 + k,

@@ -28,7 +28,8 @@ from fedray.data.partition import (
     Partitioner,
     create_partitioner,
 )
-from fedray.data.tables import HUB_PROBE_TIMEOUT_S, LOCAL_FILE_SUFFIXES
+from fedray.data.tables import LOCAL_FILE_SUFFIXES
+from fedray.hub import HUB_PROBE_TIMEOUT_S
 
 __all__ = [
     "BBC_DATA_DIR",

@@ -1,6 +1,6 @@
 """The dataset registry: turn a name into the clients' train pool and the server's test set.
 
-A name is a built-in dataset, a local ``.csv`` / ``.jsonl`` / ``.parquet`` path or a Hugging
+A name is a built-in dataset, a local ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.parquet`` path or a Hugging
 Face ``datasets`` name. Every dataset is deduplicated by its input text so that no example
 sits in both the train and the test split.
 """
@@ -15,7 +15,8 @@ import numpy as np
 from fedray.config import Task
 from fedray.data.builtin import BUILTIN_DATASETS
 from fedray.data.dataset import TASKS, DatasetSplit, TextDataset
-from fedray.data.tables import HUB_PROBE_TIMEOUT_S, LOCAL_FILE_SUFFIXES, _from_frame, _load_hub_table, _read_table
+from fedray.data.tables import LOCAL_FILE_SUFFIXES, _from_frame, _load_hub_table, _read_table
+from fedray.hub import HUB_PROBE_TIMEOUT_S
 
 
 def split_dataset(
@@ -56,7 +57,7 @@ def load_dataset(
 ) -> DatasetSplit:
     """Load a dataset by name and split it into the clients' train pool and the server's test set.
 
-    ``name`` is a built-in dataset (``BUILTIN_DATASETS``), a local ``.csv``/``.jsonl``/``.parquet``
+    ``name`` is a built-in dataset (``BUILTIN_DATASETS``), a local ``.csv``/``.tsv``/``.jsonl``/``.parquet``
     path, or a Hugging Face ``datasets`` name (with ``hf_config`` and ``hf_split``). For tables,
     ``task`` (default classification) picks ``text_column`` + ``label_column`` or
     ``prompt_column`` + ``target_column``; ``key_column`` optionally names a natural key.

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pandas as pd
 
 from fedray.config import Task
 from fedray.data.builtin import BUILTIN_DATASETS
 from fedray.data.dataset import TextDataset
+from fedray.hub import hub_reachable
 
-LOCAL_FILE_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
-HUB_PROBE_TIMEOUT_S = 3.0  # how long to wait for the Hub before failing instead of retrying for ~25 s
+LOCAL_FILE_SUFFIXES: tuple[str, ...] = (".csv", ".tsv", ".jsonl", ".parquet")
 
 
 def _from_frame(
@@ -77,23 +75,16 @@ def _encode_labels(column: pd.Series, *, label_names: list[str] | None, name: st
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    if path.suffix == ".csv":
-        return pd.read_csv(path)
-    if path.suffix == ".jsonl":
-        return pd.read_json(path, lines=True)
-    return pd.read_parquet(path)
-
-
-def _hub_reachable(timeout_s: float) -> bool:
-    import huggingface_hub.constants
-
-    endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        with socket.create_connection((endpoint.hostname, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+        if path.suffix in (".csv", ".tsv"):
+            return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+        if path.suffix == ".jsonl":
+            return pd.read_json(path, lines=True)
+        return pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise ValueError(
+            f"Dataset file {str(path)!r} is empty; give it a header row and one row per example."
+        ) from None
 
 
 def _hub_error(name: str, reason: str) -> ValueError:
@@ -111,7 +102,7 @@ def _load_hub_table(
     import datasets
 
     # datasets retries an unreachable Hub for ~25 s; probe once so the user hears at once.
-    if not datasets.config.HF_HUB_OFFLINE and not _hub_reachable(hub_timeout_s):
+    if not datasets.config.HF_HUB_OFFLINE and not hub_reachable(hub_timeout_s):
         raise _hub_error(name, "the Hub is unreachable; set HF_DATASETS_OFFLINE=1 to use a cached copy")
     try:
         hub_dataset = datasets.load_dataset(name, hf_config, split=hf_split)

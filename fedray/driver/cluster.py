@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -49,6 +50,7 @@ def connect_ray(address: str | None, spec: Spec) -> None:
         object_store_memory=LOCAL_OBJECT_STORE_BYTES,
         include_dashboard=False,
         log_to_driver=False,
+        logging_level=logging.WARNING,  # not "Started a local Ray instance" before every run
         # Ray keeps one idle worker per CPU and kills the rest within a second. With fractional
         # CPUs more client tasks than cores run at once, and every killed worker costs a new
         # process and a base build the next round: keep one worker per task that fits.

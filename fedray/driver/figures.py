@@ -37,6 +37,8 @@ def draw_heatmap(heatmap: Heatmap, out_png: Path) -> None:
     axes.set_title(heatmap.title)
     for axis in (axes.xaxis, axes.yaxis):
         axis.set_major_locator(MaxNLocator(integer=True))
+    if heatmap.caption:
+        figure.text(0.5, 0.0, heatmap.caption, ha="center", va="top", fontsize="small")
     out_png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_png, dpi=FIGURE_DPI, bbox_inches="tight")
 

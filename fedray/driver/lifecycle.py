@@ -35,6 +35,8 @@ from fedray.tracking.store import DEFAULT_RUNS_ROOT, Tracker, default_tracking_u
 
 __all__ = ["RunFailed", "RunSummary", "resume", "run"]
 
+#: What a run directory holds after a start that failed before its first round; a plain re-run writes over it.
+START_FILES = ("spec.yaml", "partition.json")
 #: Spec fields a resumed run may change with --allow-spec-change (they alter no past round).
 SAFE_TO_CHANGE = ("rounds", "eval.", "resources.", "reliability.client_timeout_s", "reliability.client_retries")
 
@@ -54,17 +56,22 @@ def run(
     else:
         run_dir = Path(run_dir)
         runs_root = run_dir.parent
-    if run_dir.exists() and any(run_dir.iterdir()):
+    leftovers = sorted(path.name for path in run_dir.iterdir()) if run_dir.is_dir() else []
+    if set(leftovers) - set(START_FILES):
+        # Only the files of a start that failed before its first round may be written over.
         raise FileExistsError(f"run directory {run_dir} already holds a run; choose a new --run-dir or --resume it")
-    tracking_uri = tracking_uri or default_tracking_uri(runs_root)
+    if tracking_uri is None:
+        runs_root.mkdir(parents=True, exist_ok=True)  # the default store's folder
+        tracking_uri = default_tracking_uri(runs_root)
     prepared = _prepare(spec, run_dir, tracking_uri, address)
     (run_dir / "partition.json").write_text(json.dumps(prepared.partition.stats, indent=1))
+    label = spec.label or spec.method
     tracker = Tracker.start(
         tracking_uri,
         spec.name,
         artifact_root=runs_root / "mlartifacts",
-        run_name=run_dir.name,
-        params=spec.flat(),
+        run_name=f"{label}-s{spec.seed}-{run_dir.name}",
+        params=spec.flat() | {"label": label},
         tags=_tags(spec),
     )
     return _execute(spec, run_dir, tracker, prepared, address, progress, first_round=0)
@@ -80,6 +87,11 @@ def resume(
 ) -> RunSummary:
     """Continue ``run_dir`` from its last complete round, in the same MLflow run."""
     run_dir = Path(run_dir)
+    if not (run_dir / "spec.yaml").is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a fedray run directory (it has no spec.yaml); give --resume the directory "
+            "a run wrote (runs/<name>/<time>/ unless --run-dir named one)"
+        )
     saved = load_spec(run_dir / "spec.yaml")
     spec = load_spec(run_dir / "spec.yaml", overrides)
     changed = sorted(k for k, v in spec.flat().items() if saved.flat().get(k) != v)
@@ -108,9 +120,11 @@ def resume(
 
 
 def _prepare(spec: Spec, run_dir: Path, tracking_uri: str, address: str | None) -> Prepared:
-    """Check the services, build the run's inputs, then (re)write ``spec.yaml``."""
+    """Check the services, build the run's inputs, join Ray (checking its resources), and
+    only then (re)write ``spec.yaml``: a start that fails writes nothing."""
     check_services(tracking_uri, address)
     prepared = prepare(spec)
+    connect_ray(address, spec)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
     return prepared
@@ -127,12 +141,11 @@ def _execute(
     first_round: int,
     checkpoint: Checkpoint | None = None,
 ) -> RunSummary:
-    console = Console(stderr=True, quiet=not progress)
+    console = Console(stderr=True, quiet=not progress, soft_wrap=True)
     base = prepared.base
     status = "FAILED"
     aggregator = None
     try:
-        connect_ray(address, spec)
         shapes = target_layers(base.model, base.target_modules)
         # On the driver's node: the tracking URI and paths the user gave are valid there, and
         # the actor never keeps an autoscaled GPU worker alive (or dies with a spot one).
@@ -154,13 +167,12 @@ def _execute(
         metric_name = EVAL_METRICS[prepared.task]
         console.print(f"fedray: run [bold]{tracker.run_id}[/] of experiment [bold]{spec.name}[/] in {run_dir}")
         summary = RunSummary(run_dir, tracker.uri, tracker.run_id, spec.name)
-        with outputs.progress_bar(console) as bar:
-            task = bar.add_task("rounds", total=spec.rounds, completed=first_round, info="")
+        shown = outputs.RoundProgress(console, rounds=spec.rounds, first_round=first_round, metric_name=metric_name)
+        with shown:
             for round_index in range(first_round, spec.rounds):
-                record = play_round(context, round_index, lambda info: bar.update(task, info=info))
+                record = play_round(context, round_index, shown.show)
                 summary.rounds.append(record)
-                last = record.get(metric_name)
-                bar.update(task, advance=1, info=f"{metric_name}={last:.3f}" if last is not None else "")
+                shown.round_done(record)
         state, heatmaps = ray.get([aggregator.global_state.remote(), aggregator.heatmaps.remote()])
         outputs.export(run_dir, state, heatmaps, base, spec, tracker)
         summary.final_metrics = outputs.final_metrics(run_dir)
@@ -176,7 +188,6 @@ def _execute(
         tracker.end(status)
         if aggregator is not None:
             ray.kill(aggregator)
-    outputs.print_summary(console, summary)
     return summary
 
 
@@ -187,6 +198,7 @@ def _tags(spec: Spec) -> dict[str, str]:
         "model": spec.model,
         "dataset": spec.dataset,
         "partition": spec.partition,
+        "seed": str(spec.seed),
         "fedray_version": fedray.__version__,
     }
     commit = _git_commit()

@@ -40,6 +40,27 @@ class RunSummary:
             return f"open {self.tracking_uri}"
         return f"mlflow ui --backend-store-uri {self.tracking_uri}"
 
+    def lines(self) -> list[str]:
+        """The summary a person reads: final metrics, where the run is, how to open it."""
+        final = ", ".join(f"{k}={v:.4f}" for k, v in self.final_metrics.items())
+        return [
+            f"final: {final}",
+            f"run directory: {self.run_dir}",
+            f"MLflow run id: {self.run_id} (experiment {self.experiment})",
+            f"open the MLflow UI: {self.ui_command}",
+        ]
+
+    def as_json(self) -> dict[str, Any]:
+        """The summary a script reads."""
+        return {
+            "final_metrics": self.final_metrics,
+            "run_dir": str(self.run_dir),
+            "run_id": self.run_id,
+            "experiment": self.experiment,
+            "tracking_uri": self.tracking_uri,
+            "ui_command": self.ui_command,
+        }
+
 
 def numbers(record: dict[str, Any]) -> dict[str, float]:
     """The numeric metrics of a round's record, for MLflow."""
@@ -110,20 +131,50 @@ def export(
             tracker.log_artifact(path, "adapter" if name == "adapter" else None)
 
 
-def progress_bar(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]fedray"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
+class RoundProgress:
+    """A run's progress on ``console``: a live bar on a terminal, and elsewhere (a log file,
+    ``ray job submit``, CI) one plain line per round. Lines are never wrapped, so paths
+    and commands stay whole when copied."""
 
+    def __init__(self, console: Console, *, rounds: int, first_round: int, metric_name: str) -> None:
+        self.console = console
+        self.rounds = rounds
+        self.metric_name = metric_name
+        self._bar: Progress | None = None
+        if console.is_terminal:
+            self._bar = Progress(
+                TextColumn("[bold]fedray"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                console=console,
+            )
+            self._task = self._bar.add_task("rounds", total=rounds, completed=first_round, info="")
 
-def print_summary(console: Console, summary: RunSummary) -> None:
-    final = ", ".join(f"{k}={v:.4f}" for k, v in summary.final_metrics.items())
-    console.print(f"final: {final}")
-    console.print(f"run directory: {summary.run_dir}")
-    console.print(f"MLflow run id: {summary.run_id} (experiment {summary.experiment})")
-    console.print(f"open the MLflow UI: {summary.ui_command}")
+    def __enter__(self) -> RoundProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def show(self, info: str) -> None:
+        """What the round in flight is doing (the bar only)."""
+        if self._bar is not None:
+            self._bar.update(self._task, info=info)
+
+    def round_done(self, record: dict[str, Any]) -> None:
+        value = record.get(self.metric_name)
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, info=f"{self.metric_name}={value:.3f}" if value is not None else "")
+            return
+        line = (
+            f"round {record['round'] + 1}/{self.rounds}: {record['clients_ok']:.0f} clients ok, "
+            f"{record['clients_failed']:.0f} failed"
+        )
+        if value is not None:
+            line += f", {self.metric_name}={value:.4f}"
+        self.console.print(f"{line}, {record['round_s']:.1f} s", soft_wrap=True, markup=False, highlight=False)

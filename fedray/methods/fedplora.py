@@ -122,6 +122,7 @@ class FedPLoRA(AdapterMethod):
                 ylabel="module j (client a)",
                 value_label="mean cosine similarity",
                 value_range=SIMILARITY_RANGE,
+                caption="white: no two different clients trained module j and module j' in that round",
             )
         }
 

@@ -144,3 +144,5 @@ class Heatmap:
     value_label: str
     #: The colour range, (low, high).
     value_range: tuple[float, float]
+    #: A line under the figure, e.g. what an empty (NaN) cell means.
+    caption: str = ""

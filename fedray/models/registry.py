@@ -27,6 +27,7 @@ from transformers import (
 from transformers.utils import logging as transformers_logging
 
 from fedray.config import Pooling, Task
+from fedray.hub import hub_offline, hub_reachable
 from fedray.models.gguf import _converted_gguf
 from fedray.models.pooling import MeanPoolingBertForSequenceClassification
 from fedray.models.targets import default_target_modules, target_layers
@@ -161,11 +162,15 @@ def _from_pretrained(model_class: type, source: str | Path, **kwargs: Any) -> to
     unexpected: both by design here. A missing weight outside the head is not, and warns.
     """
     verbosity = transformers_logging.get_verbosity()
+    bar_shown = transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()  # "Loading weights": a bar before every run
     try:
         model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
     finally:
         transformers_logging.set_verbosity(verbosity)
+        if bar_shown:
+            transformers_logging.enable_progress_bar()
     missing = [key for key in info.get("missing_keys", ()) if key.split(".")[0] not in HEAD_MODULES]
     if missing:
         warnings.warn(
@@ -255,12 +260,16 @@ def _check_loadable(name: str, source: str) -> None:
         if not (folder / "config.json").is_file():
             raise ValueError(f"model folder {source} has no config.json; point name at a Hugging Face model folder.")
         return
+    # transformers retries an unreachable Hub for ~30 s: ask it once, briefly, and then
+    # look only in the local cache.
+    offline = hub_offline() or not hub_reachable()
     try:
-        AutoConfig.from_pretrained(source)
+        AutoConfig.from_pretrained(source, local_files_only=offline)
     except OSError as error:
+        reason = "the Hub cannot be reached" if offline else "the Hub has no such model"
         raise ValueError(
-            f"model {name!r} is not on this machine and the Hugging Face Hub cannot provide it (offline or "
-            f"unknown id); use a model that works offline ({', '.join(BUILTIN_MODELS)}) or a local model folder."
+            f"model {name!r} is not on this machine and {reason}; use a model that works offline "
+            f"({', '.join(BUILTIN_MODELS)}) or a local model folder."
         ) from error
 
 

@@ -36,9 +36,19 @@ COLOUR_MAP = "tab10"
 BAND_ALPHA = 0.2
 #: Width of the mean curves, in points.
 LINE_WIDTH_PT = 2.0
+#: Group i also has line style i and marker i (cycled), so curves that lie on top of each
+#: other (several methods at zero noise) stay visible.
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 #: Size of each plot in inches, and its resolution.
 FIGURE_SIZE_IN = (6.4, 4.0)
 FIGURE_DPI = 110
+#: Curves drawn when the runs log them: (metric, title).
+OPTIONAL_PLOTS = (
+    ("eval_f1_macro", "Macro-F1 of the global model"),
+    ("eval_loss", "Evaluation loss of the global model"),
+    ("train_loss", "Training loss of the clients (data-weighted mean)"),
+)
 #: Bytes in the megabytes the communication plot and table show.
 BYTES_PER_MB = 1e6
 
@@ -81,6 +91,11 @@ def write_report(experiment: str, *, tracking_uri: str | None = None, out_dir: s
     eval_metric = _eval_metric(runs, experiment)
     plots = [
         Plot(f"{eval_metric}.png", f"{eval_metric} of the global model", eval_metric, (eval_metric,)),
+        *(
+            Plot(f"{metric}.png", title, metric, (metric,))
+            for metric, title in OPTIONAL_PLOTS
+            if metric != eval_metric and any(metric in run.data.metrics for run in runs)
+        ),
         Plot(
             "init_noise_rel.png",
             "Initialization noise (relative)",
@@ -234,7 +249,15 @@ def _draw(plot: Plot, history: pd.DataFrame, runs: pd.DataFrame, path: Path) -> 
         rounds = band.index + 1
         colour = colours[index % len(colours)]
         axes.fill_between(rounds, band["min"], band["max"], color=colour, alpha=BAND_ALPHA, linewidth=0)
-        axes.plot(rounds, band["mean"], color=colour, linewidth=LINE_WIDTH_PT, marker="o", label=group)
+        axes.plot(
+            rounds,
+            band["mean"],
+            color=colour,
+            linewidth=LINE_WIDTH_PT,
+            linestyle=LINE_STYLES[index % len(LINE_STYLES)],
+            marker=MARKERS[index % len(MARKERS)],
+            label=group,
+        )
     axes.set(title=plot.title, xlabel="round", ylabel=plot.ylabel)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if plot.from_zero:

@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -26,6 +27,20 @@ MAX_PARAM_CHARS = 6000
 SERVER_CHECK_TIMEOUT_S = 5.0
 #: MLflow takes at most this many params in one log_batch call.
 PARAMS_PER_BATCH = 100
+#: The experiment tag by which the MLflow UI (3.x) picks its view, and fedray's value: the
+#: classic runs-and-metrics view of model development, not the GenAI (traces) one.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: Databases MLflow can track in, by URI scheme (SQLAlchemy's, with an optional +driver).
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+#: Every tracking URI scheme fedray accepts.
+TRACKING_SCHEMES = (
+    *DATABASE_SCHEMES,
+    *(f"{database}+{driver}" for database, driver in (("postgresql", "psycopg2"), ("mysql", "pymysql"))),
+    "http",
+    "https",
+    "databricks",
+)
 
 
 #: Where run directories, and the sqlite store beside them, go unless told otherwise.
@@ -38,8 +53,27 @@ def default_tracking_uri(runs_root: Path = DEFAULT_RUNS_ROOT) -> str:
 
 
 def check_tracking_uri(uri: str) -> None:
-    """Fail within seconds, naming the URI, if a tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
+    """Fail within seconds, with one sentence naming what to change, if ``uri`` cannot
+    serve as the run's MLflow store: an unsupported scheme, a sqlite file whose folder
+    does not exist (MLflow would create it silently), a server that does not answer."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file"):
+        raise ValueError(
+            f"tracking URI {uri!r} is a path, and MLflow 3 tracks runs in a database; "
+            "use --tracking-uri sqlite:///PATH/mlflow.db (or an http(s):// MLflow server)"
+        )
+    if scheme not in TRACKING_SCHEMES:
+        raise ValueError(
+            f"tracking URI {uri!r} has the unsupported scheme {scheme!r}; use sqlite:///PATH/mlflow.db, "
+            f"an http(s):// MLflow server, or a database URI ({', '.join(DATABASE_SCHEMES)})"
+        )
+    if scheme == "sqlite":
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise ValueError(
+                f"the folder {folder} of tracking URI {uri!r} does not exist; create it or fix --tracking-uri"
+            )
+    if scheme not in ("http", "https"):
         return
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_CHECK_TIMEOUT_S):
@@ -101,12 +135,14 @@ def _experiment_id(client: MlflowClient, name: str, artifact_root: Path) -> str:
     """The id of experiment ``name``, created if missing (also when another run creates it at the same moment)."""
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     # An explicit artifact root: MLflow's default (./mlruns) lands wherever the driver
     # happens to run, e.g. in Ray's temporary working dir.
     location = None if client.tracking_uri.startswith("http") else artifact_root.resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException as error:
         # Runs of one spec started together (a sweep's cells, parallel job submissions) race to create it.
         if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
