@@ -1,4 +1,5 @@
-"""``fedray`` command line: ``fedray run SPEC.yaml [key=value ...]``, ``fedray report EXPERIMENT``."""
+"""``fedray`` command line: ``fedray run SPEC.yaml [key=value ...]``, ``fedray sweep GRID.yaml``,
+``fedray report EXPERIMENT``."""
 
 from __future__ import annotations
 
@@ -29,13 +30,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_parser.add_argument("--quiet", action="store_true", help="no progress; the summary is still printed")
     run_parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    sweep_parser = commands.add_parser("sweep", help="run every cell of a grid (variants x settings x seeds)")
+    sweep_parser.add_argument("grid", help="YAML grid file, e.g. jobs/sweep_quickstart.yaml")
+    sweep_parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every cell")
+    sweep_parser.add_argument("--sweep-dir", help="directory of the sweep's cells (default runs/sweeps/<name>)")
+    sweep_parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///runs/mlflow.db)")
+    sweep_parser.add_argument("--address", help="Ray cluster to join (default RAY_ADDRESS, else a local Ray)")
+    sweep_parser.add_argument("--max-concurrent", type=int, help="cells at once (default: what the cluster holds)")
+    sweep_parser.add_argument("--again", nargs="+", default=(), metavar="CELL", help="run these cells afresh")
     report_parser = commands.add_parser("report", help="compare the runs of an experiment: plots, table, HTML")
     report_parser.add_argument("experiment", help="MLflow experiment name (the spec's name)")
     report_parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///runs/mlflow.db)")
     report_parser.add_argument("--out", help="output directory (default reports/<experiment>/)")
+    report_parser.add_argument("--reference", help="the variant paired differences are taken against")
     args = parser.parse_args(argv)
     if args.command == "report":
-        return _report(args.experiment, args.tracking_uri, args.out)
+        return _report(args.experiment, args.tracking_uri, args.out, args.reference)
+    if args.command == "sweep":
+        return _sweep(args)
 
     return _run(args, parser)
 
@@ -98,6 +110,40 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from fedray.driver.grid import load_grid
+
+    try:
+        grid = load_grid(args.grid, args.overrides)  # every cell validated before anything runs
+    except SpecError as error:
+        print(f"fedray: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    _quiet_libraries()
+    from fedray.driver.sweep import sweep
+
+    try:
+        summary = sweep(
+            grid,
+            sweep_dir=args.sweep_dir,
+            tracking_uri=args.tracking_uri,
+            address=args.address,
+            max_concurrent=args.max_concurrent,
+            again=args.again,
+        )
+    except (SpecError, ValueError, ConnectionError, FileExistsError, FileNotFoundError) as error:
+        print(f"fedray: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("fedray: interrupted; run the same `fedray sweep` again to go on", file=sys.stderr, flush=True)
+        # The cells' threads cannot be interrupted; their checkpoints are on disk.
+        os._exit(130)
+    print(summary.table)
+    print(f"sweep directory: {summary.sweep_dir}")
+    print(f"MLflow parent run: {summary.parent_run_id} (open the MLflow UI: mlflow ui --backend-store-uri "
+          f"{summary.tracking_uri})", flush=True)  # fmt: skip
+    return 0
+
+
 def _quiet_libraries() -> None:
     """Keep the libraries' start-up chatter out of a run's console: MLflow's and Alembic's
     lines on creating a new store, Ray's note that token authentication is on (the default)."""
@@ -105,15 +151,17 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _report(experiment: str, tracking_uri: str | None, out: str | None) -> int:
+def _report(experiment: str, tracking_uri: str | None, out: str | None, reference: str | None) -> int:
     from fedray.tracking.report import write_report
 
     try:
-        report = write_report(experiment, tracking_uri=tracking_uri, out_dir=out)
+        report = write_report(experiment, tracking_uri=tracking_uri, out_dir=out, reference=reference)
     except (ValueError, ConnectionError) as error:
         print(f"fedray: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(report.markdown)
+    print()
+    print(report.comparison)
     print(f"fedray: plots and HTML in {report.out_dir} (open {report.html})", file=sys.stderr)
     return 0
 

@@ -222,11 +222,11 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | tuple[str, 
     """Read a YAML spec (or the defaults), apply ``key=value`` overrides, validate."""
     raw = load_spec_file(Path(path)) if path is not None else {}
     for override in overrides:
-        _apply_override(raw, override)
+        apply_override(raw, override)
     return validate_spec(raw)
 
 
-def _with_parent(raw: dict[str, Any], path: Path, depth: int = 0) -> dict[str, Any]:
+def resolve_extends(raw: dict[str, Any], path: Path, depth: int = 0) -> dict[str, Any]:
     """Resolve ``extends: other.yaml`` (relative to ``path``): the parent's fields, overlaid."""
     parent_name = raw.pop("extends", None)
     if parent_name is None:
@@ -247,7 +247,7 @@ def load_spec_file(path: Path, depth: int = 0) -> dict[str, Any]:
         raise SpecError(f"spec file {str(path)!r} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"spec file {str(path)!r} must hold a mapping of fields, got {type(raw).__name__}")
-    return _with_parent(raw, path, depth)
+    return resolve_extends(raw, path, depth)
 
 
 def _merged(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -268,7 +268,7 @@ def validate_spec(raw: dict[str, Any]) -> Spec:
         raise SpecError(_explain(error, raw)) from None
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
+def apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise SpecError(f"override {override!r} must look like key=value (e.g. rounds=4 or train.lr=1e-3)")
@@ -276,12 +276,18 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         value = text
+    set_dotted(raw, key, value, source=f"override {override!r}")
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, *, source: str) -> None:
+    """Set ``raw``'s field at the dotted ``key`` (e.g. ``train.lr``) to ``value``; ``source``
+    names where the setting came from in the error for a key that crosses a plain field."""
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise SpecError(f"override {override!r}: {part!r} is not a section of the spec")
+            raise SpecError(f"{source}: {part!r} is not a section of the spec")
         node = child
     node[parts[-1]] = value
 

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from fedray.cli import EXIT_BAD_INPUT, main
 from fedray.tracking.report import write_report
+from fedray.tracking.stats import t_interval
 
 EXPERIMENT = "report-test"
 #: Method -> its index k, which sets every known metric value below.
@@ -149,6 +150,21 @@ def test_table_numbers_match_an_independent_computation(report):
     assert (report.out_dir / "table.md").read_text() == report.markdown + "\n"
 
 
+def test_the_comparison_has_intervals_over_seeds_and_paired_differences(store, tmp_path):
+    report = write_report(EXPERIMENT, tracking_uri=store, out_dir=tmp_path, reference="fedit")
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.comparison.splitlines() if line.startswith("| ")}
+    for method, k in METHODS.items():
+        finals = [accuracy(k, seed, ROUNDS - 1) for seed in SEEDS]
+        assert f"| {t_interval(finals).text()} |" in rows[method]
+    # Differences paired by seed, against fedit, from the same known values.
+    for method, k in METHODS.items():
+        if method == "fedit":
+            continue
+        differences = [accuracy(k, seed, ROUNDS - 1) - accuracy(METHODS["fedit"], seed, ROUNDS - 1) for seed in SEEDS]
+        assert t_interval(differences).text() in rows[method]
+    assert (tmp_path / "comparison.md").read_text() == report.comparison + "\n"
+
+
 def test_runs_that_differ_in_partition_get_a_row_each(store, tmp_path):
     partitioned = write_report("report-partitions", tracking_uri=store, out_dir=tmp_path)
     rows = parse_markdown(partitioned.markdown)
@@ -201,8 +217,9 @@ def test_cli_prints_the_table_and_writes_under_reports_by_default(store, tmp_pat
     monkeypatch.chdir(tmp_path)
     assert main(["report", EXPERIMENT, "--tracking-uri", store]) == 0
     out_dir = tmp_path / "reports" / EXPERIMENT
-    assert capsys.readouterr().out == (out_dir / "table.md").read_text()
-    assert {path.name for path in out_dir.iterdir()} == PNG_NAMES | {"table.md", "report.html"}
+    printed = (out_dir / "table.md").read_text() + "\n" + (out_dir / "comparison.md").read_text()
+    assert capsys.readouterr().out == printed
+    assert {path.name for path in out_dir.iterdir()} == PNG_NAMES | {"table.md", "comparison.md", "report.html"}
 
 
 @pytest.mark.parametrize(

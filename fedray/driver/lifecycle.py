@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import ray
 import yaml
 from mlflow.tracking import MlflowClient
@@ -20,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
 import fedray
+from fedray import inputs
 from fedray.config import Spec, SpecError, load_spec
 from fedray.driver import outputs
 from fedray.driver.aggregator import Aggregator
@@ -30,7 +33,7 @@ from fedray.driver.prepare import Prepared, prepare
 from fedray.driver.rounds import RunContext, RunFailed, play_round
 from fedray.methods import METHODS
 from fedray.models import export_base, head_state, target_layers
-from fedray.tracking.names import EVAL_METRICS
+from fedray.tracking.names import EVAL_METRICS, MAJORITY_METRIC
 from fedray.tracking.store import DEFAULT_RUNS_ROOT, Tracker, default_tracking_uri
 
 __all__ = ["RunFailed", "RunSummary", "resume", "run"]
@@ -48,8 +51,13 @@ def run(
     tracking_uri: str | None = None,
     address: str | None = None,
     progress: bool = True,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> RunSummary:
-    """Run ``spec`` from its first round to the end."""
+    """Run ``spec`` from its first round to the end.
+
+    ``run_name`` and ``tags`` add to the MLflow run's defaults (a sweep names its cells and
+    tags them with their parent run and axis values)."""
     if run_dir is None:
         runs_root = DEFAULT_RUNS_ROOT
         run_dir = runs_root / spec.name / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -70,10 +78,14 @@ def run(
         tracking_uri,
         spec.name,
         artifact_root=runs_root / "mlartifacts",
-        run_name=f"{label}-s{spec.seed}-{run_dir.name}",
+        run_name=run_name or f"{label}-s{spec.seed}-{run_dir.name}",
         params=spec.flat() | {"label": label},
-        tags=_tags(spec),
+        tags=_tags(spec) | dict(tags or {}),
     )
+    if prepared.task == "classification":
+        # The reference line of every accuracy: what always answering the majority class scores.
+        labels = np.asarray(inputs.eval_set(spec, prepared.split).labels)
+        tracker.log_metrics(0, {MAJORITY_METRIC: float(np.bincount(labels).max() / len(labels))})
     return _execute(spec, run_dir, tracker, prepared, address, progress, first_round=0)
 
 

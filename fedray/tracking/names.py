@@ -6,3 +6,5 @@ from fedray.config import Task
 
 #: The headline evaluation metric of each task, as runs log it.
 EVAL_METRICS: dict[Task, str] = {"classification": "eval_accuracy", "generation": "eval_rougeL"}
+#: What always answering the evaluation set's majority class scores (logged once, at step 0).
+MAJORITY_METRIC = "eval_majority_rate"

@@ -23,7 +23,9 @@ from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from fedray.tracking.names import EVAL_METRICS
+from fedray.tracking.comparison import comparison_table, history_records
+from fedray.tracking.names import EVAL_METRICS, MAJORITY_METRIC
+from fedray.tracking.stats import t_interval
 from fedray.tracking.store import check_tracking_uri, default_tracking_uri
 
 #: The report goes to this folder / <experiment> unless --out names one.
@@ -49,6 +51,7 @@ OPTIONAL_PLOTS = (
     ("eval_loss", "Evaluation loss of the global model"),
     ("train_loss", "Training loss of the clients (data-weighted mean)"),
 )
+REFERENCE_LABELS = {MAJORITY_METRIC: "majority class"}
 #: Bytes in the megabytes the communication plot and table show.
 BYTES_PER_MB = 1e6
 
@@ -68,6 +71,8 @@ class Plot:
     scale: float = 1.0
     #: Start the y axis at 0, for quantities whose size matters, not only their order.
     from_zero: bool = False
+    #: A metric whose mean over the runs is drawn as a dashed horizontal line.
+    reference_line: str | None = None
 
 
 @dataclass
@@ -81,16 +86,32 @@ class Report:
     markdown: str
     pngs: list[Path]
     html: Path
+    #: Variants over seeds with 95 % intervals and paired differences (``comparison.md``).
+    comparison: str
 
 
-def write_report(experiment: str, *, tracking_uri: str | None = None, out_dir: str | Path | None = None) -> Report:
-    """Read ``experiment``'s FINISHED runs from ``tracking_uri`` and write plots, table.md and report.html."""
+def write_report(
+    experiment: str,
+    *,
+    tracking_uri: str | None = None,
+    out_dir: str | Path | None = None,
+    reference: str | None = None,
+) -> Report:
+    """Read ``experiment``'s FINISHED runs from ``tracking_uri`` and write plots, table.md and report.html.
+
+    ``reference`` names the variant that the comparison's paired differences are taken against."""
     tracking_uri = tracking_uri or default_tracking_uri()
     client = _open(tracking_uri)
     runs = _finished_runs(client, experiment, tracking_uri)
     eval_metric = _eval_metric(runs, experiment)
     plots = [
-        Plot(f"{eval_metric}.png", f"{eval_metric} of the global model", eval_metric, (eval_metric,)),
+        Plot(
+            f"{eval_metric}.png",
+            f"{eval_metric} of the global model",
+            eval_metric,
+            (eval_metric,),
+            reference_line=MAJORITY_METRIC if eval_metric == EVAL_METRICS["classification"] else None,
+        ),
         *(
             Plot(f"{metric}.png", title, metric, (metric,))
             for metric, title in OPTIONAL_PLOTS
@@ -114,7 +135,7 @@ def write_report(experiment: str, *, tracking_uri: str | None = None, out_dir: s
         ),
     ]
     runs_frame = _runs_frame(runs)
-    metrics = sorted({metric for plot in plots for metric in plot.metrics} | {"round_s"})
+    metrics = sorted({metric for plot in plots for metric in plot.metrics} | {"round_s", MAJORITY_METRIC})
     history = _history(client, runs_frame, metrics)
 
     out_dir = Path(out_dir) if out_dir is not None else DEFAULT_REPORTS_ROOT / experiment
@@ -122,11 +143,17 @@ def write_report(experiment: str, *, tracking_uri: str | None = None, out_dir: s
     pngs = [_draw(plot, history, runs_frame, out_dir / plot.file) for plot in plots]
     table = summary_table(runs_frame, history, eval_metric)
     shown = _formatted(table, eval_metric)
+    comparison = comparison_table(
+        history_records(runs_frame, history, eval_metric, MAJORITY_METRIC),
+        variants=sorted(runs_frame.method.unique()),
+        reference=reference,
+    )
     markdown = _markdown(shown)
     (out_dir / "table.md").write_text(markdown + "\n")
+    (out_dir / "comparison.md").write_text(comparison + "\n")
     page = out_dir / "report.html"
-    page.write_text(_html(experiment, tracking_uri, len(runs), shown, pngs))
-    return Report(out_dir, eval_metric, table, markdown, pngs, page)
+    page.write_text(_html(experiment, tracking_uri, len(runs), shown, pngs, comparison))
+    return Report(out_dir, eval_metric, table, markdown, pngs, page, comparison)
 
 
 def summary_table(runs: pd.DataFrame, history: pd.DataFrame, eval_metric: str) -> pd.DataFrame:
@@ -170,7 +197,12 @@ def _finished_runs(client: MlflowClient, experiment: str, tracking_uri: str) -> 
         raise ReportError(
             f"no experiment {experiment!r} in {tracking_uri}; pick one of: {', '.join(names) or '(none)'}"
         )
-    runs = _search(client, found.experiment_id, "attributes.status = 'FINISHED'")
+    # fedray runs, not a sweep's parent run (which logs no rounds).
+    runs = [
+        run
+        for run in _search(client, found.experiment_id, "attributes.status = 'FINISHED'")
+        if "clients_ok" in run.data.metrics
+    ]
     if not runs:
         statuses = Counter(run.info.status for run in _search(client, found.experiment_id, ""))
         seen = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())) or "no runs at all"
@@ -245,10 +277,14 @@ def _draw(plot: Plot, history: pd.DataFrame, runs: pd.DataFrame, path: Path) -> 
     for index, group in enumerate(sorted(runs.group.unique())):
         if group not in per_round.index.get_level_values("group"):
             continue
-        band = per_round.loc[group].groupby("step").agg(["mean", "min", "max"])
-        rounds = band.index + 1
+        intervals = per_round.loc[group].groupby("step").agg(lambda values: t_interval(list(values)))
+        rounds = intervals.index + 1
+        band = pd.DataFrame(
+            [(i.mean, i.low, i.high) for i in intervals], index=intervals.index, columns=["mean", "low", "high"]
+        )
         colour = colours[index % len(colours)]
-        axes.fill_between(rounds, band["min"], band["max"], color=colour, alpha=BAND_ALPHA, linewidth=0)
+        # A 95 % t-interval over the group's runs (seeds); none where a group has one run.
+        axes.fill_between(rounds, band["low"], band["high"], color=colour, alpha=BAND_ALPHA, linewidth=0)
         axes.plot(
             rounds,
             band["mean"],
@@ -258,6 +294,9 @@ def _draw(plot: Plot, history: pd.DataFrame, runs: pd.DataFrame, path: Path) -> 
             marker=MARKERS[index % len(MARKERS)],
             label=group,
         )
+    if plot.reference_line in set(history.metric):
+        reference = history[history.metric == plot.reference_line].value.mean()
+        axes.axhline(reference, color="grey", linestyle="--", linewidth=1, label=REFERENCE_LABELS[plot.reference_line])
     axes.set(title=plot.title, xlabel="round", ylabel=plot.ylabel)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if plot.from_zero:
@@ -306,8 +345,8 @@ img {{ max-width: 100%; }}
 </style></head>
 <body>
 <h1>fedray report: {experiment}</h1>
-<p>{runs} finished runs from <code>{tracking_uri}</code>, {when}. Curves: mean over the runs of a group,
-band: their min to max.</p>
+<p>{runs} finished runs from <code>{tracking_uri}</code>, {when}. Curves: mean over the runs of a group
+(its seeds), band: its 95 % t-interval; dashed: what always answering the majority class scores.</p>
 {table}
 <div class="plots">
 {images}
@@ -316,7 +355,7 @@ band: their min to max.</p>
 """
 
 
-def _html(experiment: str, tracking_uri: str, runs: int, shown: pd.DataFrame, pngs: list[Path]) -> str:
+def _html(experiment: str, tracking_uri: str, runs: int, shown: pd.DataFrame, pngs: list[Path], comparison: str) -> str:
     images = "\n".join(
         f'<img alt="{html.escape(png.stem)}" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
         for png in pngs
@@ -326,6 +365,6 @@ def _html(experiment: str, tracking_uri: str, runs: int, shown: pd.DataFrame, pn
         runs=runs,
         tracking_uri=html.escape(tracking_uri),
         when=datetime.now().strftime("%Y-%m-%d %H:%M"),
-        table=shown.to_html(index=False, border=0),
+        table=shown.to_html(index=False, border=0) + f"<pre>{html.escape(comparison)}</pre>",
         images=images,
     )

@@ -1,0 +1,311 @@
+"""``fedray sweep``: every cell of a grid as a fedray run, several at once on one Ray cluster.
+
+Cells run as threads of this driver over its one Ray connection: they share its workers
+and their warm workbenches. As many run at once as the cluster's CPUs hold (each cell's
+round asks for ``clients_per_round x resources.num_cpus``), plus one that fills the gaps a
+round leaves (its last clients, the evaluation); ``max_concurrent`` caps it. The count is
+read again before each cell starts, so an autoscaling cluster that grows runs more.
+
+The sweep directory is the record: ``sweep.json`` (the grid's cells and their spec
+digests, the MLflow parent run), ``cells/<cell>/`` (each cell's run directory) and
+``results.jsonl`` (one line per finished cell, written once it is whole). A sweep killed
+at any point and started again with the same grid skips finished cells and resumes the
+others from their last checkpoints; a changed grid is refused, naming the cells that
+changed. In MLflow a sweep is one parent run, each cell a child run tagged with its
+sweep, cell, variant, seed and axis values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from fedray import inputs
+from fedray.config import SpecError
+from fedray.driver.checkpoint import CHECKPOINT_DIR, LATEST
+from fedray.driver.cluster import check_services, connect_ray
+from fedray.driver.grid import Cell, Grid, grid_digest
+from fedray.driver.lifecycle import resume, run
+from fedray.driver.outputs import METRICS_FILE
+from fedray.tracking.comparison import comparison_table
+from fedray.tracking.names import EVAL_METRICS
+from fedray.tracking.stats import curve_scores
+from fedray.tracking.store import DEFAULT_RUNS_ROOT, Tracker, default_tracking_uri
+
+SWEEP_FILE = "sweep.json"
+RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.md"
+CELLS_DIR = "cells"
+#: Where sweeps go unless --sweep-dir names one: runs/sweeps/<name>.
+SWEEPS_DIR = "sweeps"
+#: Seconds between two status lines while cells run.
+STATUS_EVERY_S = 30.0
+#: Cells that run beside those the cluster's CPUs hold, to fill a round's idle gaps.
+GAP_FILLING_CELLS = 1
+#: The MLflow tag that makes a run the child of another (the UI nests it).
+PARENT_TAG = "mlflow.parentRunId"
+
+
+@dataclass
+class SweepSummary:
+    """What a finished sweep leaves behind."""
+
+    sweep_dir: Path
+    tracking_uri: str
+    parent_run_id: str
+    #: Cell id -> its record (the line of ``results.jsonl``).
+    results: dict[str, dict[str, Any]]
+    table: str
+
+
+def sweep(
+    grid: Grid,
+    *,
+    sweep_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    max_concurrent: int | None = None,
+    again: Sequence[str] = (),
+    console: Console | None = None,
+) -> SweepSummary:
+    """Run every cell of ``grid`` that has no result yet; ``again`` names cells to run afresh."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    if max_concurrent is not None and max_concurrent < 1:
+        raise SpecError(f"--max-concurrent must be at least 1, got {max_concurrent}")
+    runs_root = DEFAULT_RUNS_ROOT if sweep_dir is None else Path(sweep_dir).parent
+    sweep_dir = Path(sweep_dir) if sweep_dir is not None else DEFAULT_RUNS_ROOT / SWEEPS_DIR / grid.name
+    for cell_id in again:
+        grid.cell(cell_id)  # one clear error for a name the grid does not have
+    state = _read_state(sweep_dir, grid)
+    if tracking_uri is None:
+        tracking_uri = state["tracking_uri"] if state else default_tracking_uri(runs_root)
+        if not state:
+            runs_root.mkdir(parents=True, exist_ok=True)
+    elif state and state["tracking_uri"] != tracking_uri:
+        raise SpecError(f"sweep {sweep_dir} tracks in {state['tracking_uri']}; leave --tracking-uri out or match it")
+    check_services(tracking_uri, address)
+    results = _read_results(sweep_dir / RESULTS_FILE)
+    todo = [cell for cell in grid.cells if cell.id not in results or cell.id in again]
+    if todo:
+        connect_ray(address, todo[0].spec)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not state:
+        state = _start_state(sweep_dir, grid, tracking_uri, runs_root)
+    client = MlflowClient(tracking_uri)
+    client.update_run(state["parent_run_id"], status="RUNNING")
+    for cell_id in again:
+        _forget(sweep_dir, client, state["parent_run_id"], cell_id)
+        results.pop(cell_id, None)
+    _write_results(sweep_dir / RESULTS_FILE, results)  # drops a torn last line too
+    console.print(f"sweep {grid.name}: {len(grid.cells) - len(todo)} of {len(grid.cells)} cells done, "
+                  f"{len(todo)} to run; MLflow parent run {state['parent_run_id']} in {sweep_dir}")  # fmt: skip
+    status = "FAILED"
+    try:
+        _run_cells(todo, grid, sweep_dir, tracking_uri, state["parent_run_id"], max_concurrent, results, console)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(state["parent_run_id"], status=status)
+    table = comparison_table(
+        (results[cell.id] for cell in grid.cells), variants=grid.variants, reference=grid.reference
+    )
+    (sweep_dir / SUMMARY_FILE).write_text(f"# Sweep {grid.name}\n\n{table}\n")
+    Tracker(tracking_uri, state["parent_run_id"]).log_artifact(sweep_dir / SUMMARY_FILE)
+    return SweepSummary(sweep_dir, tracking_uri, state["parent_run_id"], results, table)
+
+
+def _run_cells(
+    todo: list[Cell],
+    grid: Grid,
+    sweep_dir: Path,
+    tracking_uri: str,
+    parent_run_id: str,
+    max_concurrent: int | None,
+    results: dict[str, dict[str, Any]],
+    console: Console,
+) -> None:
+    waiting = list(todo)
+    running: dict[Future, Cell] = {}
+    failure: BaseException | None = None
+    lock = threading.Lock()  # results.jsonl gets whole lines, one writer at a time
+    with ThreadPoolExecutor(max_workers=len(todo) or 1, thread_name_prefix="cell") as pool:
+        while waiting or running:
+            while waiting and failure is None and len(running) < _capacity(waiting[0], max_concurrent):
+                cell = waiting.pop(0)
+                running[pool.submit(_run_cell, cell, grid, sweep_dir, tracking_uri, parent_run_id)] = cell
+            if not running:
+                break
+            console.print(_status_line(grid, results, running.values(), sweep_dir), markup=False)
+            done, _ = wait(running, timeout=STATUS_EVERY_S, return_when=FIRST_COMPLETED)
+            for future in done:
+                cell = running.pop(future)
+                try:
+                    record = future.result()
+                except Exception as error:  # the cells in flight finish and are recorded first
+                    console.print(f"sweep: cell {cell.id} failed: {error}", markup=False)
+                    failure = failure or error
+                    continue
+                with lock:
+                    results[cell.id] = record
+                    with (sweep_dir / RESULTS_FILE).open("a") as out:
+                        out.write(json.dumps(record) + "\n")
+                console.print(f"sweep: {cell.id}: final {record['metric']} {record['final']:.4f}", markup=False)
+    if failure is not None:
+        raise failure
+
+
+def _capacity(cell: Cell, max_concurrent: int | None) -> int:
+    """How many cells like ``cell`` run at once on the cluster as it is now."""
+    resources = cell.spec.resources
+    per_cell = cell.spec.sampled_clients * resources.num_cpus
+    held = max(1, int(ray.cluster_resources().get("CPU", 1.0) // per_cell)) + GAP_FILLING_CELLS
+    return held if max_concurrent is None else min(held, max_concurrent)
+
+
+def _run_cell(cell: Cell, grid: Grid, sweep_dir: Path, tracking_uri: str, parent_run_id: str) -> dict[str, Any]:
+    """Run (or resume) one cell; its record."""
+    run_dir = sweep_dir / CELLS_DIR / cell.id
+    if (run_dir / CHECKPOINT_DIR / LATEST).is_file():
+        resume(run_dir, progress=False)
+    else:
+        # Cut off before its first checkpoint: start over, without a second MLflow run.
+        _delete_child_runs(MlflowClient(tracking_uri), parent_run_id, cell.id)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        tags = {PARENT_TAG: parent_run_id, "sweep": grid.name, "cell": cell.id, "variant": cell.variant}
+        tags |= {f"axis.{key}": json.dumps(value) for key, value in cell.axes.items()}
+        run(cell.spec, run_dir=run_dir, tracking_uri=tracking_uri, progress=False, run_name=cell.id, tags=tags)
+    return cell_record(cell, run_dir)
+
+
+def cell_record(cell: Cell, run_dir: Path) -> dict[str, Any]:
+    """A finished cell's line of ``results.jsonl``: its curve, scores and majority-class rate."""
+    rounds = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    split = inputs.dataset_split(cell.spec)
+    metric = EVAL_METRICS[split.train.task]
+    curve = [[record["round"] + 1, record[metric]] for record in rounds if metric in record]
+    scores = curve_scores([value for _, value in curve])
+    record = {
+        "cell": cell.id,
+        "setting": cell.setting,
+        "axes": dict(cell.axes),
+        "variant": cell.variant,
+        "seed": cell.seed,
+        "metric": metric,
+        "final": scores.final,
+        "best": scores.best,
+        "last_mean": scores.last_mean,
+        "curve": curve,
+        "run_id": json.loads((run_dir / CHECKPOINT_DIR / LATEST).read_text())["run_id"],
+        "eval_examples": len(inputs.eval_set(cell.spec, split)),
+    }
+    if split.train.task == "classification":
+        labels = np.asarray(inputs.eval_set(cell.spec, split).labels)
+        record["majority_rate"] = float(np.bincount(labels).max() / len(labels))
+    return record
+
+
+def _status_line(grid: Grid, results: dict, running, sweep_dir: Path) -> str:
+    in_flight = []
+    for cell in running:
+        metrics = sweep_dir / CELLS_DIR / cell.id / METRICS_FILE
+        done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        in_flight.append(f"{cell.id} round {done}/{cell.spec.rounds}")
+    left = len(grid.cells) - len(results) - len(in_flight)
+    running_text = f"{len(in_flight)} running ({', '.join(in_flight)})" if in_flight else "none running"
+    return f"sweep: {len(results)}/{len(grid.cells)} done, {running_text}, {left} left"
+
+
+def _read_state(sweep_dir: Path, grid: Grid) -> dict[str, Any] | None:
+    """The sweep begun in ``sweep_dir``, refused if its grid has changed since; None if none."""
+    path = sweep_dir / SWEEP_FILE
+    if not path.is_file():
+        if sweep_dir.is_dir() and any(sweep_dir.iterdir()):
+            raise FileExistsError(f"{sweep_dir} holds files but no sweep; choose another --sweep-dir")
+        return None
+    state = json.loads(path.read_text())
+    before, now = state["cells"], grid.digests()
+    if before != now:
+        changed = sorted(cell for cell in set(before) & set(now) if before[cell] != now[cell])
+        parts = [
+            f"{name}: {', '.join(cells[:3])}{' ...' if len(cells) > 3 else ''}"
+            for name, cells in (
+                ("changed", changed),
+                ("added", sorted(set(now) - set(before))),
+                ("removed", sorted(set(before) - set(now))),
+            )
+            if cells
+        ]
+        raise SpecError(
+            f"the grid of sweep {sweep_dir} has changed since it began ({'; '.join(parts)}); restore the grid "
+            "and its overrides, or start a new sweep with another --sweep-dir"
+        )
+    return state
+
+
+def _start_state(sweep_dir: Path, grid: Grid, tracking_uri: str, runs_root: Path) -> dict[str, Any]:
+    params = {
+        "grid": str(grid.path),
+        "cells": len(grid.cells),
+        "variants": list(grid.variants),
+        "seeds": list(grid.seeds),
+        "reference": grid.reference,
+    }
+    parent = Tracker.start(
+        tracking_uri,
+        grid.name,
+        artifact_root=runs_root / "mlartifacts",
+        run_name=f"sweep-{grid.name}",
+        params=params,
+        tags={"sweep": grid.name, "grid_digest": grid_digest(grid.digests())},
+    )
+    state = {"name": grid.name, "tracking_uri": tracking_uri, "parent_run_id": parent.run_id, "cells": grid.digests()}
+    partial = sweep_dir / (SWEEP_FILE + ".partial")
+    partial.write_text(json.dumps(state, indent=1))
+    os.replace(partial, sweep_dir / SWEEP_FILE)
+    return state
+
+
+def _read_results(path: Path) -> dict[str, dict[str, Any]]:
+    """Cell id -> its record; a torn last line (a kill mid-write) is dropped: that cell runs again."""
+    results = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        results[record["cell"]] = record
+    return results
+
+
+def _write_results(path: Path, results: dict[str, dict[str, Any]]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps(record) + "\n" for record in results.values()))
+    os.replace(partial, path)
+
+
+def _forget(sweep_dir: Path, client: MlflowClient, parent_run_id: str, cell_id: str) -> None:
+    """Drop a cell's run directory and MLflow runs, so that it runs afresh (``--again``)."""
+    shutil.rmtree(sweep_dir / CELLS_DIR / cell_id, ignore_errors=True)
+    _delete_child_runs(client, parent_run_id, cell_id, finished_too=True)
+
+
+def _delete_child_runs(client: MlflowClient, parent_run_id: str, cell_id: str, *, finished_too: bool = False) -> None:
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.cell = '{cell_id}'"
+    for child in client.search_runs([experiment_id], filter_string=query):
+        if finished_too or child.info.status != "FINISHED":
+            client.delete_run(child.info.run_id)
