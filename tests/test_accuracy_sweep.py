@@ -157,3 +157,26 @@ def test_a_trials_table_prints_but_never_overwrites_the_record(tmp_path):
         timeout=60,
     )
     assert written.returncode != 0 and "not from a trial's results" in written.stderr
+
+
+def test_interval_tables_pair_each_variant_with_the_reference_by_seed(sweep):
+    def result(variant, seed, curve):
+        return {"cell": f"rt-iid/{variant}/s{seed}", "curve": curve}
+
+    results = {
+        row["cell"]: row
+        for row in [
+            result("fedit-r16", 0, [[2, 0.70], [4, 0.80]]),
+            result("fedit-r16", 1, [[2, 0.72], [4, 0.78]]),
+            result("fedit-r2", 0, [[2, 0.71], [4, 0.75]]),
+            result("fedit-r2", 1, [[2, 0.60], [4, 0.74]]),
+        ]
+    }
+    markdown = sweep.interval_tables(results)
+    from fedray.tracking.stats import paired_difference, t_interval
+
+    rows = {line.split(" | ")[0].strip("| "): line for line in markdown.splitlines() if line.startswith("| fedit")}
+    assert f"| {t_interval([0.80, 0.78]).text()} |" in rows["fedit-r16"]
+    # best over rounds: r2 has 0.75 and 0.74; paired against 0.80 and 0.78: -0.05, -0.04.
+    assert paired_difference({0: 0.75, 1: 0.74}, {0: 0.80, 1: 0.78}).text() in rows["fedit-r2"]
+    assert "Always answering the majority class scores" in markdown

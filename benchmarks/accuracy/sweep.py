@@ -418,6 +418,38 @@ def tables(results: dict[str, dict], cells: Sequence[Cell]) -> str:
     return "\n".join(lines)
 
 
+def interval_tables(results: dict[str, dict], *, reference: str = "fedit-r16") -> str:
+    """Markdown: the main tables again with fedray's statistics (``fedray.tracking.comparison``):
+    final, best over rounds and mean of the last three evaluations with 95 % t-intervals over
+    seeds, and differences to ``reference`` paired by seed; the majority class of each cell's
+    evaluation set as the floor."""
+    from fedray import inputs
+    from fedray.config import load_spec
+    from fedray.tracking.comparison import comparison_table
+    from fedray.tracking.stats import curve_scores
+
+    records = []
+    for cell in all_cells():
+        if cell.side or cell.id not in results:
+            continue
+        spec = load_spec(SETTING_FILE, cell.spec_overrides())
+        labels = inputs.eval_set(spec, inputs.dataset_split(spec)).labels
+        scores = curve_scores([value for _, value in results[cell.id]["curve"]])
+        records.append(
+            {
+                "setting": cell.setting,
+                "variant": cell.variant,
+                "seed": cell.seed,
+                "metric": "eval_accuracy",
+                "final": scores.final,
+                "best": scores.best,
+                "last_mean": scores.last_mean,
+                "majority_rate": max(labels.count(label) for label in set(labels)) / len(labels),
+            }
+        )
+    return comparison_table(records, variants=tuple(VARIANTS), reference=reference)
+
+
 def participation_table(results: dict[str, dict]) -> list[str]:
     """Markdown: 5 vs 10 clients a round, over the participation seeds that have both cells (paired by seed)."""
     lines = [
@@ -571,7 +603,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "table":
         if args.write and args.results.resolve() != RESULTS_FILE:
             raise SystemExit(f"table --write fills RESULTS.md from {RESULTS_FILE} only, not from a trial's results")
-        markdown = tables(read_results(args.results), all_cells())
+        results = read_results(args.results)
+        markdown = tables(results, all_cells())
+        markdown += "\n\n#### The main tables with 95 % intervals over seeds\n\n" + interval_tables(results)
         print(markdown)
         if args.write:
             write_tables(markdown, RESULTS_MD)
