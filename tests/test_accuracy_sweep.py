@@ -180,3 +180,16 @@ def test_interval_tables_pair_each_variant_with_the_reference_by_seed(sweep):
     # best over rounds: r2 has 0.75 and 0.74; paired against 0.80 and 0.78: -0.05, -0.04.
     assert paired_difference({0: 0.75, 1: 0.74}, {0: 0.80, 1: 0.78}).text() in rows["fedit-r2"]
     assert "Always answering the majority class scores" in markdown
+
+
+def test_the_grid_files_hold_exactly_the_recorded_cells(sweep):
+    from fedray.driver.grid import load_grid
+
+    grids = {}
+    for cell in sweep.all_cells():
+        name = {"hlora": "hlora-rt-movie", "participation": "participation-rt-iid"}.get(cell.table, cell.setting)
+        if name not in grids:
+            grids[name] = load_grid(SCRIPT.parent / "grids" / f"{name}.yaml")
+        grid_cell = grids[name].cell(f"base/{cell.variant}/s{cell.seed}")
+        assert grid_cell.spec == load_spec(sweep.SETTING_FILE, cell.spec_overrides()), cell.id
+    assert sum(len(grid.cells) for grid in grids.values()) == len(sweep.all_cells())
