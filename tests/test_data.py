@@ -411,3 +411,10 @@ def test_too_short_max_seq_len_or_max_examples_is_named(rotten, tokenizer):
         next(make_batches(tokenizer, rotten.train, [0], batch_size=0))
     with pytest.raises(ValueError, match=r"max_examples=1 must be at least 2"):
         load_dataset("rotten_tomatoes", max_examples=1)
+
+
+def test_the_majority_share_is_what_always_answering_the_top_class_scores():
+    dataset = TextDataset(name="t", task="classification", texts=["a", "b", "c", "d"], labels=[1, 0, 1, 1])
+    assert dataset.majority_share() == 0.75
+    with pytest.raises(ValueError, match="majority share is for classification"):
+        TextDataset(name="g", task="generation", texts=["a"], targets=["b"]).majority_share()

@@ -433,7 +433,7 @@ def interval_tables(results: dict[str, dict], *, reference: str = "fedit-r16") -
         if cell.side or cell.id not in results:
             continue
         spec = load_spec(SETTING_FILE, cell.spec_overrides())
-        labels = inputs.eval_set(spec, inputs.dataset_split(spec)).labels
+        eval_set = inputs.eval_set(spec, inputs.dataset_split(spec))
         scores = curve_scores([value for _, value in results[cell.id]["curve"]])
         records.append(
             {
@@ -444,7 +444,7 @@ def interval_tables(results: dict[str, dict], *, reference: str = "fedit-r16") -
                 "final": scores.final,
                 "best": scores.best,
                 "last_mean": scores.last_mean,
-                "majority_rate": max(labels.count(label) for label in set(labels)) / len(labels),
+                "majority_rate": eval_set.majority_share(),
             }
         )
     return comparison_table(records, variants=tuple(VARIANTS), reference=reference)

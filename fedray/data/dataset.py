@@ -46,6 +46,12 @@ class TextDataset:
             return 0
         return len(self.label_names) if self.label_names else max(self.labels, default=-1) + 1
 
+    def majority_share(self) -> float:
+        """What always answering the most common class scores on this dataset (classification)."""
+        if self.labels is None or not self.labels:
+            raise ValueError(f"dataset {self.name!r} has no labels; the majority share is for classification")
+        return max(self.labels.count(label) for label in set(self.labels)) / len(self.labels)
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> TextDataset:
         """A new dataset with the examples at ``indices``, in that order (fresh lists)."""
         order = [int(i) for i in indices]

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 from mlflow.tracking import MlflowClient
 from rich.console import Console
@@ -213,8 +212,7 @@ def cell_record(cell: Cell, run_dir: Path) -> dict[str, Any]:
         "eval_examples": len(inputs.eval_set(cell.spec, split)),
     }
     if split.train.task == "classification":
-        labels = np.asarray(inputs.eval_set(cell.spec, split).labels)
-        record["majority_rate"] = float(np.bincount(labels).max() / len(labels))
+        record["majority_rate"] = inputs.eval_set(cell.spec, split).majority_share()
     return record
 
 
