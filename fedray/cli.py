@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--quiet", action="store_true", help="no progress; the summary is still printed")
     run_parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     sweep_parser = commands.add_parser("sweep", help="run every cell of a grid (variants x settings x seeds)")
-    sweep_parser.add_argument("grid", help="YAML grid file, e.g. jobs/sweep_quickstart.yaml")
+    sweep_parser.add_argument("grid", help="YAML grid file, e.g. jobs/sweeps/quickstart.yaml")
     sweep_parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every cell")
     sweep_parser.add_argument("--sweep-dir", help="directory of the sweep's cells (default runs/sweeps/<name>)")
     sweep_parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///runs/mlflow.db)")

@@ -196,7 +196,7 @@ def test_offline_hub_dataset_fails_at_once_naming_the_offline_options(monkeypatc
     assert time.perf_counter() - started < 5.0
     message = str(error.value)
     assert "'glue'" in message and "['bbc_news', 'bbc_titles', 'rotten_tomatoes']" in message
-    assert ".csv/.jsonl/.parquet" in message and "text_column" in message
+    assert ".csv/.tsv/.jsonl/.parquet" in message and "text_column" in message
 
 
 def test_unreachable_hub_fails_at_once_instead_of_retrying(monkeypatch):

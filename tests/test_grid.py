@@ -77,5 +77,5 @@ def test_a_bad_grid_is_refused_naming_the_cell_or_field(tmp_path, fields, messag
 
 
 def test_the_shipped_grid_expands_and_validates():
-    grid = load_grid(JOBS / "sweep_quickstart.yaml")
+    grid = load_grid(JOBS / "sweeps" / "quickstart.yaml")
     assert grid.reference in grid.variants and len(grid.cells) == len(grid.variants) * len(grid.seeds) >= 12

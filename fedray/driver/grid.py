@@ -90,7 +90,7 @@ def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
     """Read the grid file at ``path``, expand it into cells and validate every cell's spec."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"grid file {str(path)!r} does not exist; pass a YAML grid such as jobs/sweep_quickstart.yaml")
+        raise SpecError(f"grid file {str(path)!r} does not exist; pass a YAML grid such as jobs/sweeps/quickstart.yaml")
     try:
         grid = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
