@@ -119,8 +119,10 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"fedray: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     _quiet_libraries()
+    from fedray.driver.rounds import RunFailed
     from fedray.driver.sweep import sweep
 
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         summary = sweep(
             grid,
@@ -133,6 +135,9 @@ def _sweep(args: argparse.Namespace) -> int:
     except (SpecError, ValueError, ConnectionError, FileExistsError, FileNotFoundError) as error:
         print(f"fedray: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFailed as error:
+        print(f"fedray: {error}; run the same `fedray sweep` again to go on", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fedray: interrupted; run the same `fedray sweep` again to go on", file=sys.stderr, flush=True)
         # The cells' threads cannot be interrupted; their checkpoints are on disk.

@@ -177,9 +177,11 @@ class Spec(_Strict):
         except (ValueError, TypeError) as error:
             known = _partitioner_options(self.partition)
             fitting = {key: value for key, value in self.partition_options.items() if key in known}
+            hint = ""
+            if len(fitting) < len(self.partition_options):  # unknown options: name the spec that fits
+                hint = f"; keep only its options: partition_options={json.dumps(fitting, separators=(',', ':'))}"
             raise ValueError(
-                f"partition_options do not fit partition={self.partition}: {str(error).rstrip('.')}; "
-                f"keep only its options: partition_options={json.dumps(fitting, separators=(',', ':'))}"
+                f"partition_options do not fit partition={self.partition}: {str(error).rstrip('.')}{hint}"
             ) from None
         tiers = None
         if self.rank_tiers is not None:

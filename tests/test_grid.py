@@ -79,3 +79,12 @@ def test_a_bad_grid_is_refused_naming_the_cell_or_field(tmp_path, fields, messag
 def test_the_shipped_grid_expands_and_validates():
     grid = load_grid(JOBS / "sweeps" / "quickstart.yaml")
     assert grid.reference in grid.variants and len(grid.cells) == len(grid.variants) * len(grid.seeds) >= 12
+
+
+def test_cells_get_distinct_safe_names_and_seeds_come_from_the_grid(tmp_path):
+    with pytest.raises(SpecError, match=r"axis 'train.lr' repeats a value"):
+        load_grid(_grid(tmp_path, axes={"train.lr": [0.001, 0.001]}))
+    with pytest.raises(SpecError, match='variant name "it\'s" may hold only'):
+        load_grid(_grid(tmp_path, variants={"it's": {"method": "hlora"}}))
+    with pytest.raises(SpecError, match=r"override seed=\.\.\. does not apply to a sweep"):
+        load_grid(_grid(tmp_path), ["seed=3"])

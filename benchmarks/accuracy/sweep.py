@@ -508,7 +508,7 @@ def write_tables(markdown: str, path: Path) -> None:
 
 
 def curves(runs_dir: Path, out_dir: Path) -> None:
-    """``fedray report`` of every setting's experiment: curves (mean and min-max over seeds) per variant."""
+    """``fedray report`` of every setting's experiment: curves (mean and 95 % interval over seeds) per variant."""
     from fedray.tracking.report import write_report
 
     tracking_uri = f"sqlite:///{runs_dir / 'mlflow.db'}"

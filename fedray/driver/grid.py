@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ from fedray.config import (
 
 #: The setting of a grid without axes.
 BASE_SETTING = "base"
+#: What a variant may be called: it names folders and MLflow tags.
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 #: Fields a grid file may have.
 GRID_FIELDS = ("name", "base", "overrides", "axes", "variants", "seeds", "reference", "eval_max_examples")
 
@@ -116,6 +119,17 @@ def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
         raise SpecError(
             f"grid file {str(path)!r}: reference {reference!r} is not a variant; use one of {list(variants)}"
         )
+    for variant in variants:
+        if not VARIANT_NAME.fullmatch(str(variant)):
+            raise SpecError(f"grid file {str(path)!r}: variant name {variant!r} may hold only letters, digits, - _ .")
+    for key, values in axes.items():
+        if len({_text(value) for value in values}) != len(values):
+            raise SpecError(f"grid file {str(path)!r}: axis {key!r} repeats a value ({values}); list each once")
+    for reserved in ("seed", "label", "name"):
+        if any(override.partition("=")[0] == reserved for override in overrides):
+            raise SpecError(
+                f"override {reserved}=... does not apply to a sweep; set seeds, variants or name in the grid"
+            )
     name = grid.get("name") or base.get("name") or path.stem
     cells = []
     for values in itertools.product(*axes.values()) if axes else [()]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -140,8 +139,8 @@ def _run_cells(
     waiting = list(todo)
     running: dict[Future, Cell] = {}
     failure: BaseException | None = None
-    lock = threading.Lock()  # results.jsonl gets whole lines, one writer at a time
-    with ThreadPoolExecutor(max_workers=len(todo) or 1, thread_name_prefix="cell") as pool:
+    pool = ThreadPoolExecutor(max_workers=len(todo) or 1, thread_name_prefix="cell")
+    try:
         while waiting or running:
             while waiting and failure is None and len(running) < _capacity(waiting[0], max_concurrent):
                 cell = waiting.pop(0)
@@ -158,11 +157,14 @@ def _run_cells(
                     console.print(f"sweep: cell {cell.id} failed: {error}", markup=False)
                     failure = failure or error
                     continue
-                with lock:
-                    results[cell.id] = record
-                    with (sweep_dir / RESULTS_FILE).open("a") as out:
-                        out.write(json.dumps(record) + "\n")
+                results[cell.id] = record
+                with (sweep_dir / RESULTS_FILE).open("a") as out:
+                    out.write(json.dumps(record) + "\n")
                 console.print(f"sweep: {cell.id}: final {record['metric']} {record['final']:.4f}", markup=False)
+    finally:
+        # Interrupted, do not wait for the cells in flight (hours): they resume from their
+        # checkpoints next time.
+        pool.shutdown(wait=not running, cancel_futures=True)
     if failure is not None:
         raise failure
 

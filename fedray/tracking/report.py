@@ -2,8 +2,8 @@
 
 Runs are grouped by method (a run's ``label`` tag, when it has one, names a variant of a
 method, such as fedit-r2), and by partition too when the runs differ in it. A group's
-curve is the mean over its runs (seeds) at each round, with a min-max band; rounds are
-numbered from 1 (MLflow step 0 is round 1). Everything comes from MLflow; nothing is
+curve is the mean over its runs (seeds) at each round, with a band of its 95 % t-interval;
+rounds are numbered from 1 (MLflow step 0 is round 1). Everything comes from MLflow; nothing is
 recomputed from checkpoints.
 """
 
@@ -34,7 +34,7 @@ DEFAULT_REPORTS_ROOT = Path("reports")
 SEARCH_PAGE_SIZE = 1000
 #: Group i (in sorted order) has colour i of this map in every plot.
 COLOUR_MAP = "tab10"
-#: Opacity of the min-max band around a group's mean curve.
+#: Opacity of the 95 % t-interval band around a group's mean curve.
 BAND_ALPHA = 0.2
 #: Width of the mean curves, in points.
 LINE_WIDTH_PT = 2.0

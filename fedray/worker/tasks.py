@@ -33,7 +33,7 @@ from fedray.worker.workbench import Workbench
 WORKBENCHES_PER_PROCESS = 2
 #: Workbenches of this process, by run key, least recently used first.
 _BENCHES: OrderedDict[str, Workbench] = OrderedDict()
-#: How many times this process built each run's base model (the server checks it stays 1).
+#: How many times this process built each run's base model (reported in workers.json).
 _BUILDS: dict[str, int] = {}
 #: What a client task yields first, as it begins to run.
 STARTED = "started"
