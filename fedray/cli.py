@@ -13,6 +13,8 @@ from fedray.config import SpecError, load_spec
 
 #: Exit code for input the user must change (bad spec, file, address).
 EXIT_BAD_INPUT = 2
+#: Errors a user can cause and fix: one line, EXIT_BAD_INPUT.
+USER_ERRORS = (SpecError, ValueError, ConnectionError, FileExistsError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +96,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 address=args.address,
                 progress=not args.quiet,
             )
-    except (SpecError, ValueError, ConnectionError, FileExistsError, FileNotFoundError) as error:
+    except USER_ERRORS as error:
         print(f"fedray: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunFailed as error:
@@ -132,7 +134,7 @@ def _sweep(args: argparse.Namespace) -> int:
             max_concurrent=args.max_concurrent,
             again=args.again,
         )
-    except (SpecError, ValueError, ConnectionError, FileExistsError, FileNotFoundError) as error:
+    except USER_ERRORS as error:
         print(f"fedray: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunFailed as error:

@@ -11,7 +11,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,6 +26,7 @@ from fedray.ranks import ResourceTier, check_rank_split
 Pooling = Literal["auto", "cls", "mean"]
 #: What a dataset asks of the model: a label per text, or a continuation of a prompt.
 Task = Literal["classification", "generation"]
+TASKS: tuple[Task, ...] = get_args(Task)
 
 #: How many ``extends`` links a spec may chain.
 MAX_EXTENDS_DEPTH = 8

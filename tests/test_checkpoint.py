@@ -55,12 +55,12 @@ def test_a_write_killed_before_latest_leaves_the_previous_round(tmp_path, monkey
 
     from fedray.driver import checkpoint as module
 
-    original = module._atomic
+    original = module.atomic_write
 
     def atomic(path, write):
         original(path, killed if path.name == LATEST else write)
 
-    monkeypatch.setattr(module, "_atomic", atomic)
+    monkeypatch.setattr(module, "atomic_write", atomic)
     with pytest.raises(KeyboardInterrupt):
         write_checkpoint(tmp_path, 1, _method(seed=1).state_dict(), None, {"metrics": {}})
     assert read_checkpoint(tmp_path).info["round"] == 0

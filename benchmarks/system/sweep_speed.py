@@ -29,6 +29,7 @@ import yaml
 from harness import REPO, add_common_arguments, finish, markdown_table, start
 
 from fedray.driver.grid import load_grid
+from fedray.tracking.names import EVAL_METRICS
 
 GRID = REPO / "benchmarks" / "accuracy" / "grids" / "rt-iid.yaml"
 SMOKE = (
@@ -64,7 +65,7 @@ def sequential(grid_file: Path, overrides: list[str], work: Path) -> tuple[float
         tracking_uri = f"sqlite:///{work / 'sequential.db'}"
         seconds[cell.id] = _fedray("run", str(spec_file), "--run-dir", str(run_dir), "--tracking-uri", tracking_uri)
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        finals[cell.id] = next(value for key, value in last.items() if key in ("eval_accuracy", "eval_rougeL"))
+        finals[cell.id] = next(value for key, value in last.items() if key in EVAL_METRICS.values())
         print(f"sequential: {cell.id} {seconds[cell.id]:.1f} s", file=sys.stderr, flush=True)
     return sum(seconds.values()), seconds, finals
 

@@ -7,9 +7,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from fedray.config import Task
-
-TASKS: tuple[str, ...] = ("classification", "generation")
+from fedray.config import TASKS, Task
 
 
 @dataclass(frozen=True)

@@ -40,12 +40,12 @@ def write_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"round-{round_index:06d}"
     method_file, head_file = f"{stem}.method.safetensors", f"{stem}.head.safetensors"
-    _atomic(folder / method_file, lambda path: save_state(method_state, path))
+    atomic_write(folder / method_file, lambda path: save_state(method_state, path))
     if head is not None:
         tensors = {name: value.contiguous() for name, value in head.items()}
-        _atomic(folder / head_file, lambda path: save_file(tensors, str(path)))
+        atomic_write(folder / head_file, lambda path: save_file(tensors, str(path)))
     record = {"round": round_index, "method": method_file, "head": head_file if head is not None else None, **info}
-    _atomic(folder / LATEST, lambda path: path.write_text(json.dumps(record, indent=1)))
+    atomic_write(folder / LATEST, lambda path: path.write_text(json.dumps(record, indent=1)))
     for old in sorted(folder.glob("round-*.safetensors")):
         if int(old.name.split(".")[0].removeprefix("round-")) <= round_index - KEEP_ROUNDS:
             old.unlink()
@@ -72,7 +72,8 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
     return Checkpoint(info, read_state(folder / info["method"]), head)
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(partial)``, then rename the partial file to ``path``: a reader sees the old file or the new one."""
     partial = path.with_name(path.name + ".partial")
     write(partial)
     os.replace(partial, path)

@@ -18,7 +18,6 @@ sweep, cell, variant, seed and axis values.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -32,7 +31,7 @@ from rich.console import Console
 
 from fedray import inputs
 from fedray.config import SpecError
-from fedray.driver.checkpoint import CHECKPOINT_DIR, LATEST
+from fedray.driver.checkpoint import CHECKPOINT_DIR, LATEST, atomic_write
 from fedray.driver.cluster import check_services, connect_ray
 from fedray.driver.grid import Cell, Grid, grid_digest
 from fedray.driver.lifecycle import resume, run
@@ -196,6 +195,7 @@ def cell_record(cell: Cell, run_dir: Path) -> dict[str, Any]:
     """A finished cell's line of ``results.jsonl``: its curve, scores and majority-class rate."""
     rounds = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     split = inputs.dataset_split(cell.spec)
+    eval_set = inputs.eval_set(cell.spec, split)
     metric = EVAL_METRICS[split.train.task]
     curve = [[record["round"] + 1, record[metric]] for record in rounds if metric in record]
     scores = curve_scores([value for _, value in curve])
@@ -211,10 +211,10 @@ def cell_record(cell: Cell, run_dir: Path) -> dict[str, Any]:
         "last_mean": scores.last_mean,
         "curve": curve,
         "run_id": json.loads((run_dir / CHECKPOINT_DIR / LATEST).read_text())["run_id"],
-        "eval_examples": len(inputs.eval_set(cell.spec, split)),
+        "eval_examples": len(eval_set),
     }
     if split.train.task == "classification":
-        record["majority_rate"] = inputs.eval_set(cell.spec, split).majority_share()
+        record["majority_rate"] = eval_set.majority_share()
     return record
 
 
@@ -273,9 +273,7 @@ def _start_state(sweep_dir: Path, grid: Grid, tracking_uri: str, runs_root: Path
         tags={"sweep": grid.name, "grid_digest": grid_digest(grid.digests())},
     )
     state = {"name": grid.name, "tracking_uri": tracking_uri, "parent_run_id": parent.run_id, "cells": grid.digests()}
-    partial = sweep_dir / (SWEEP_FILE + ".partial")
-    partial.write_text(json.dumps(state, indent=1))
-    os.replace(partial, sweep_dir / SWEEP_FILE)
+    atomic_write(sweep_dir / SWEEP_FILE, lambda path: path.write_text(json.dumps(state, indent=1)))
     return state
 
 
@@ -292,9 +290,8 @@ def _read_results(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _write_results(path: Path, results: dict[str, dict[str, Any]]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(json.dumps(record) + "\n" for record in results.values()))
-    os.replace(partial, path)
+    text = "".join(json.dumps(record) + "\n" for record in results.values())
+    atomic_write(path, lambda partial: partial.write_text(text))
 
 
 def _forget(sweep_dir: Path, client: MlflowClient, parent_run_id: str, cell_id: str) -> None:

@@ -26,13 +26,12 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from fedray.config import Pooling, Task
+from fedray.config import TASKS, Pooling, Task
 from fedray.hub import hub_offline, hub_reachable
 from fedray.models.gguf import _converted_gguf
 from fedray.models.pooling import MeanPoolingBertForSequenceClassification
 from fedray.models.targets import default_target_modules, target_layers
 
-TASKS: tuple[Task, ...] = get_args(Task)
 POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
 #: The sentence-transformers file that says how a sentence encoder pools its tokens.
 SENTENCE_POOLING_CONFIG = "1_Pooling/config.json"
