@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedray.methods import METHODS, create_method, method_options
+from fedray.methods.server_optimizer import SERVER_RULES, ServerOptimizer, ServerRule
 from fedray.ranks import ResourceTier, check_rank_split
 
 #: How a classification head reads the encoder: ``cls`` is the architecture's own head
@@ -54,12 +55,29 @@ class TrainSpec(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm; null for none")
     max_seq_len: int = Field(64, ge=8, description="tokens per example after truncation")
     train_head: bool = Field(True, description="train the task head too (averaged by data size)")
+    head_rounds: int | None = Field(
+        None, ge=1, description="train the head in the first this many rounds only, then keep it; null: every round"
+    )
+    prox_mu: float = Field(
+        0.0, ge=0, description="FedProx: mu of the term mu/2 ||theta - theta_start||^2 on the trained values; 0 off"
+    )
+    logit_adjust: float = Field(
+        0.0,
+        ge=0,
+        description="classification: train on logits + this * log(client's label shares) (1: balanced softmax); 0 off",
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainSpec:
         if (self.local_steps is None) == (self.local_epochs is None):
             raise ValueError("set exactly one of train.local_steps and train.local_epochs (the other to null)")
+        if self.head_rounds is not None and not self.train_head:
+            raise ValueError("train.head_rounds limits when the head trains, but train.train_head is false")
         return self
+
+    def trains_head(self, round_index: int) -> bool:
+        """Whether clients train the head in round ``round_index`` (0-based)."""
+        return self.train_head and (self.head_rounds is None or round_index < self.head_rounds)
 
 
 class EvalSpec(_Strict):
@@ -69,6 +87,40 @@ class EvalSpec(_Strict):
     max_examples: int | None = Field(400, ge=1, description="test examples used; null for the whole split")
     batch_size: int = Field(64, ge=1, description="examples per evaluation batch")
     max_new_tokens: int = Field(24, ge=1, description="generation tasks: greedy tokens per example")
+
+
+class ServerSpec(_Strict):
+    """How the server turns the round's average into the new global state (Reddi et al., 2021).
+
+    The round's change of the global state is a pseudo-gradient; ``fedavg`` takes it as it
+    is, the others step with it (see ``fedray.methods.server_optimizer``).
+    """
+
+    optimizer: ServerRule = Field("fedavg", description=f"one of {list(SERVER_RULES)}")
+    lr: float = Field(1.0, gt=0, description="server learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: momentum of the pseudo-gradient")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="fedadam, fedyogi: decay of the 1st and 2nd moments")
+    tau: float = Field(1e-3, gt=0, description="fedadam, fedyogi: adaptivity (added to sqrt(v))")
+
+    @model_validator(mode="after")
+    def _used(self) -> ServerSpec:
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"server.betas={list(self.betas)}: each must be in [0, 1)")
+        uses = {"lr": ("fedavgm", "fedadam", "fedyogi"), "momentum": ("fedavgm",)}
+        uses |= dict.fromkeys(("betas", "tau"), ("fedadam", "fedyogi"))
+        for name, rules in uses.items():
+            if self.optimizer not in rules and getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(
+                    f"server.{name} applies to server.optimizer in {list(rules)}, not {self.optimizer!r}; "
+                    f"remove it or choose one of those"
+                )
+        return self
+
+    def create(self) -> ServerOptimizer | None:
+        """The server optimizer, or None for ``fedavg``."""
+        if self.optimizer == "fedavg":
+            return None
+        return ServerOptimizer(self.optimizer, lr=self.lr, momentum=self.momentum, betas=self.betas, tau=self.tau)
 
 
 class ResourcesSpec(_Strict):
@@ -156,6 +208,7 @@ class Spec(_Strict):
 
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    server: ServerSpec = Field(default_factory=ServerSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     reliability: ReliabilitySpec = Field(default_factory=ReliabilitySpec)
     faults: FaultSpec = Field(default_factory=FaultSpec)

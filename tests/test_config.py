@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,11 @@ def test_every_job_spec_validates_and_its_partition_splits(path):
     partitioner = create_partitioner(spec.partition, **({"seed": spec.seed} | spec.partition_options))
     partition = partitioner.partition(inputs.dataset_split(spec).train, spec.num_clients)
     assert partition.num_clients == spec.num_clients
+
+
+def test_logit_adjustment_on_a_generation_task_is_refused_before_the_model_loads():
+    from fedray.driver.prepare import prepare
+
+    spec = load_spec(None, ["dataset=bbc_titles", "model=smollm2-135m", "train.logit_adjust=1.0"])
+    with pytest.raises(ValueError, match=re.escape("train.logit_adjust=1.0 applies to classification")):
+        prepare(spec)

@@ -107,12 +107,17 @@ def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(ray_session, t
     _assert_same_ending(whole, broken, "fedplora", tracking_uri)
 
 
-def test_a_stop_right_after_a_checkpoint_resumes_to_the_same_end(ray_session, tmp_path, tracking_uri, monkeypatch):
-    """HLoRA, whose state is the SVD re-split, stopped where a kill does the most harm.
+@pytest.mark.parametrize("server", [[], ["server.optimizer=fedadam", "server.lr=0.05"]], ids=["fedavg", "fedadam"])
+def test_a_stop_right_after_a_checkpoint_resumes_to_the_same_end(
+    ray_session, tmp_path, tracking_uri, monkeypatch, server
+):
+    """HLoRA, whose state is the SVD re-split, stopped where a kill does the most harm; also
+    under a server optimizer, whose moments must come back from the checkpoint exactly.
 
     Round 0 is checkpointed but neither logged to MLflow nor written whole to metrics.jsonl.
     """
-    spec = load_spec("jobs/quickstart.yaml", [*TINY, "rounds=2", "method=hlora", "name=resume-hlora"])
+    name = f"resume-hlora-{'-'.join(server) or 'fedavg'}"
+    spec = load_spec("jobs/quickstart.yaml", [*TINY, "rounds=2", "method=hlora", f"name={name}", *server])
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run(spec, run_dir=whole, tracking_uri=tracking_uri, progress=False)
 
@@ -134,6 +139,16 @@ def test_a_stop_right_after_a_checkpoint_resumes_to_the_same_end(ray_session, tm
 
     resume(broken, progress=False)
     _assert_same_ending(whole, broken, "hlora", tracking_uri)
+    ends = [read_checkpoint(path) for path in (whole, broken)]
+    for layer, delta in _global_delta(whole, "hlora").items():
+        assert torch.equal(delta, _global_delta(broken, "hlora")[layer])  # bit-exact
+    for name, value in ends[0].head.items():
+        assert torch.equal(value, ends[1].head[name])
+    if server:
+        moments = [end.server_state["tensors"] for end in ends]
+        assert moments[0].keys() == moments[1].keys() and len(moments[0]) > 0
+        assert all(torch.equal(moments[0][key], moments[1][key]) for key in moments[0])
+        assert ends[1].server_state["meta"]["steps"] == 2
 
 
 def test_resume_refuses_a_changed_spec_and_extends_rounds_when_allowed(ray_session, tmp_path, tracking_uri):

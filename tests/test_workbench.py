@@ -165,3 +165,76 @@ def test_hetlora_client_prunes_a_tail_the_regulariser_shrank(bench, split):
     assert all(B.shape[1] == 2 for B in result.update.B.values())
     method.aggregate([result.update])
     assert method.pruned_ranks == {1: dict.fromkeys(bench.layers, 2)}
+
+
+def _trained(bench, split, steps: int, **train):
+    """Factors and head after ``steps`` plain-SGD steps on a fixed shard, from the same start."""
+    spec = _spec(local_steps=steps, optimizer="sgd", lr=0.5, max_grad_norm="null", **train)
+    method = create_method("fedit", bench.layers, 2, scale=SCALE, seed=0)
+    result = bench.train(
+        method.client_init(0, 2), split.train.subset(np.arange(32)), spec.train, seed=3, head=head_state(bench.model)
+    )
+    init = method.client_init(1, 2)
+    values = {f"B.{k}": v for k, v in result.update.B.items()} | {f"head.{k}": v for k, v in result.head.items()}
+    starts = {f"B.{k}": v for k, v in init.B.items()} | {f"head.{k}": v for k, v in head_state(bench.model).items()}
+    return values, starts
+
+
+def test_fedprox_adds_mu_times_the_distance_from_the_start_to_the_gradient(bench, split):
+    mu, lr = 0.3, 0.5
+    one, start = _trained(bench, split, 1)
+    two, _ = _trained(bench, split, 2)
+    prox, _ = _trained(bench, split, 2, prox_mu=mu)
+    # Step 1 starts at theta_start (no pull); step 2's gradient gains mu * (theta_1 - theta_start),
+    # so SGD lands lr * mu * (theta_1 - theta_start) short of plain SGD's second step.
+    for name in one:
+        expected = two[name] - lr * mu * (one[name] - start[name])
+        assert torch.allclose(prox[name], expected, atol=1e-6), name
+    assert any(not torch.equal(prox[name], two[name]) for name in one)
+
+
+def test_logit_adjustment_trains_on_logits_shifted_by_the_client_label_shares():
+    from fedray.worker import training
+
+    shares = training.label_log_shares([1, 1, 1, 0], 3)
+    assert torch.allclose(shares.exp(), torch.tensor([2 / 7, 4 / 7, 1 / 7]))
+    logits = torch.tensor([[0.2, -0.1, 0.4], [1.0, 0.0, -1.0]])
+    labels = torch.tensor([1, 0])
+    loss = training.adjusted_loss(logits, labels, shares, tau=1.0)
+    by_hand = -sum(torch.log_softmax(logits[row] + shares, dim=0)[labels[row]] for row in range(2)) / 2
+    assert torch.allclose(loss, by_hand)
+    assert torch.allclose(
+        training.adjusted_loss(logits, labels, shares, tau=0.0), torch.nn.functional.cross_entropy(logits, labels)
+    )
+
+
+def test_logit_adjusted_client_leaves_its_majority_class_bias_alone(bench, split):
+    """On a one-class shard, plain training pulls the head's bias toward that class; logit
+    adjustment explains the skew by the shares, so its gradient pulls much less. (Plain SGD:
+    AdamW's first steps move every value by about lr whatever the gradient's size.)"""
+    only_positive = [i for i, label in enumerate(split.train.labels) if label == 1][:48]
+    shard = split.train.subset(np.array(only_positive))
+    head = head_state(bench.model)
+    bias = next(name for name in head if name.endswith("bias"))
+    pulls = {}
+    for tau in (0.0, 1.0):
+        spec = _spec(local_steps=4, lr=0.05, optimizer="sgd", logit_adjust=tau)
+        method = create_method("fedit", bench.layers, 2, scale=SCALE, seed=0)
+        result = bench.train(method.client_init(0, 2), shard, spec.train, head=head, seed=0)
+        change = result.head[bias] - head[bias]
+        pulls[tau] = float(change[1] - change[0])
+    assert pulls[0.0] > 0 and pulls[1.0] < pulls[0.0] / 2, pulls
+
+
+def test_head_stays_put_in_a_round_that_does_not_train_it(bench, split):
+    spec = _spec(local_steps=2, head_rounds=1)
+    assert spec.train.trains_head(0) and not spec.train.trains_head(1)
+    method = create_method("fedit", bench.layers, 2, scale=SCALE, seed=0)
+    result = bench.train(
+        method.client_init(0, 2),
+        split.train.subset(np.arange(16)),
+        spec.train,
+        head=head_state(bench.model),
+        train_head=False,
+    )
+    assert result.head is None

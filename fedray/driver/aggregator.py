@@ -33,6 +33,8 @@ from fedray.worker.results import ClientResult
 
 #: Marks the end of a round's results in the actor's queue.
 _END = None
+#: Names the head's tensors among the method's in the server optimizer's state.
+HEAD_PREFIX = "head:"
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,10 @@ class Aggregator:
         # The class, not its name: a method registered on the driver alone is known here too.
         self.method = method_class(shapes, spec.max_rank, scale=spec.scale, seed=spec.seed, **spec.method_options)
         self.head = dict(head) if head else None
+        #: The server optimizer (None: the method's average is the new state) and the
+        #: state it steps from, as the round began.
+        self.server = spec.server.create()
+        self._before: dict[str, torch.Tensor] = {}
         self.tracker = Tracker(tracking_uri, run_id)
         self.live = LiveMetrics(run_id, spec.method)
         self.workers: dict[str, dict[str, Any]] = {}
@@ -101,13 +107,23 @@ class Aggregator:
     def global_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         return self.method.global_delta(), self.head
 
-    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-        """Everything a checkpoint holds: the method's state dict and the head."""
-        return self.method.state_dict(), self.head
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+        """Everything a checkpoint holds: the method's state dict, the head, the server optimizer's state."""
+        return self.method.state_dict(), self.head, None if self.server is None else self.server.state_dict()
 
-    def load_state(self, method_state: Mapping[str, Any], head: Mapping[str, torch.Tensor] | None) -> None:
+    def load_state(
+        self,
+        method_state: Mapping[str, Any],
+        head: Mapping[str, torch.Tensor] | None,
+        server_state: Mapping[str, Any] | None = None,
+    ) -> None:
         self.method.load_state_dict(method_state)
         self.head = dict(head) if head else None
+        if (server_state is None) != (self.server is None):
+            saved = "none" if server_state is None else server_state["meta"]["rule"]
+            raise ValueError(f"the checkpoint's server optimizer is {saved}, the spec's {self.spec.server.optimizer}")
+        if self.server is not None:
+            self.server.load_state_dict(server_state)
 
     def log_metrics(self, round_index: int, metrics: Mapping[str, float]) -> None:
         """Record a finished round in MLflow and the live metrics."""
@@ -130,6 +146,8 @@ class Aggregator:
     def begin_round(self, clients: list[int]) -> None:
         """Open a round of ``clients`` (the sample, by id): their updates are aggregated in that order."""
         assert self._round is None, "a round is already open"
+        if self.server is not None:
+            self._before = self._server_state()
         self._round = _Round(self, clients)
 
     def add(self, result_box: list) -> None:
@@ -155,6 +173,8 @@ class Aggregator:
         stats, log = current.stats, current.log
         if log.head_sum is not None:
             self.head = {name: total / log.examples for name, total in log.head_sum.items()}
+        if self.server is not None:
+            self._server_step(trained_head=log.head_sum is not None)
         self._client_seconds = log.client_seconds
         return log.method_sums | {
             "train_loss": log.weighted_loss / log.examples,
@@ -181,6 +201,23 @@ class Aggregator:
         self.method.abandon_round()
 
     # ----------------------------------------------------------------- internals
+
+    def _server_state(self) -> dict[str, torch.Tensor]:
+        """What the server optimizer steps: the method's ``server_state`` and the head."""
+        head = {f"{HEAD_PREFIX}{name}": value for name, value in (self.head or {}).items()}
+        return self.method.server_state() | head
+
+    def _server_step(self, trained_head: bool) -> None:
+        """Replace the round's plain average by the server optimizer's step from it.
+
+        A head that did not train this round (``train.head_rounds``) is not stepped.
+        """
+        before = {k: v for k, v in self._before.items() if trained_head or not k.startswith(HEAD_PREFIX)}
+        averaged = {k: v for k, v in self._server_state().items() if k in before}
+        new = self.server.step(before, averaged)
+        self.method.load_server_state({k: v for k, v in new.items() if not k.startswith(HEAD_PREFIX)})
+        if trained_head:
+            self.head = {k.removeprefix(HEAD_PREFIX): v for k, v in new.items() if k.startswith(HEAD_PREFIX)}
 
     def _checked(self, update: ClientUpdate, log: _RoundLog) -> ClientUpdate | None:
         """``update`` if it may touch the global state (clipped if the spec says so), else None."""

@@ -34,17 +34,23 @@ def write_checkpoint(
     method_state: Mapping[str, Any],
     head: Mapping[str, torch.Tensor] | None,
     info: Mapping[str, Any],
+    server_state: Mapping[str, Any] | None = None,
 ) -> None:
-    """Persist the state after ``round_index``; ``info`` is JSON (run id, spec digest, metrics)."""
+    """Persist the state after ``round_index``; ``info`` is JSON (run id, spec digest, metrics);
+    ``server_state`` is the server optimizer's, if the run has one."""
     folder = run_dir / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"round-{round_index:06d}"
     method_file, head_file = f"{stem}.method.safetensors", f"{stem}.head.safetensors"
+    server_file = f"{stem}.server.safetensors"
     atomic_write(folder / method_file, lambda path: save_state(method_state, path))
+    if server_state is not None:
+        atomic_write(folder / server_file, lambda path: save_state(server_state, path))
     if head is not None:
         tensors = {name: value.contiguous() for name, value in head.items()}
         atomic_write(folder / head_file, lambda path: save_file(tensors, str(path)))
-    record = {"round": round_index, "method": method_file, "head": head_file if head is not None else None, **info}
+    record = {"round": round_index, "method": method_file, "head": head_file if head is not None else None}
+    record |= {"server": server_file if server_state is not None else None, **info}
     atomic_write(folder / LATEST, lambda path: path.write_text(json.dumps(record, indent=1)))
     for old in sorted(folder.glob("round-*.safetensors")):
         if int(old.name.split(".")[0].removeprefix("round-")) <= round_index - KEEP_ROUNDS:
@@ -60,6 +66,8 @@ class Checkpoint:
     #: The method's ``state_dict()``.
     method_state: dict[str, Any]
     head: dict[str, torch.Tensor] | None
+    #: The server optimizer's ``state_dict()``, if the run has one.
+    server_state: dict[str, Any] | None = None
 
 
 def read_checkpoint(run_dir: Path) -> Checkpoint:
@@ -69,7 +77,8 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
         raise FileNotFoundError(f"{run_dir} has no checkpoint (no complete round); start it again without --resume")
     info = json.loads((folder / LATEST).read_text())
     head = load_file(str(folder / info["head"])) if info["head"] else None
-    return Checkpoint(info, read_state(folder / info["method"]), head)
+    server = info.get("server")
+    return Checkpoint(info, read_state(folder / info["method"]), head, read_state(folder / server) if server else None)
 
 
 def atomic_write(path: Path, write) -> None:

@@ -164,7 +164,7 @@ def _execute(
             spec, METHODS[spec.method], shapes, head_state(base.model) or None, tracker.uri, tracker.run_id
         )
         if checkpoint is not None:
-            ray.get(aggregator.load_state.remote(checkpoint.method_state, checkpoint.head))
+            ray.get(aggregator.load_state.remote(checkpoint.method_state, checkpoint.head, checkpoint.server_state))
         context = RunContext(
             spec=spec,
             run_dir=run_dir,

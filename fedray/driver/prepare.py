@@ -34,6 +34,11 @@ class Prepared:
 def prepare(spec: Spec) -> Prepared:
     """Data, partition, ranks and base model: checked and built before Ray starts."""
     split = inputs.dataset_split(spec)
+    if spec.train.logit_adjust > 0 and split.train.task != "classification":
+        raise ValueError(
+            f"train.logit_adjust={spec.train.logit_adjust} applies to classification, but dataset "
+            f"{spec.dataset!r} is a {split.train.task} task; set train.logit_adjust=0"
+        )
     partitioner = create_partitioner(spec.partition, **({"seed": spec.seed} | spec.partition_options))
     partition = partitioner.partition(split.train, spec.num_clients)
     base = load_base(inputs.model_spec(spec, split))

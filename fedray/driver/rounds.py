@@ -103,7 +103,7 @@ def play_round(run: RunContext, round_index: int, show: Show) -> dict[str, Any]:
         )
     metrics["round_s"] = time.perf_counter() - started
     record = {"round": round_index, "clients": sampled, **metrics, "failures": failures}
-    method_state, head = ray.get(run.aggregator.state.remote())
+    method_state, head, server_state = ray.get(run.aggregator.state.remote())
     info = {
         "run_id": run.tracker.run_id,
         "tracking_uri": run.tracker.uri,
@@ -111,7 +111,7 @@ def play_round(run: RunContext, round_index: int, show: Show) -> dict[str, Any]:
         "spec_digest": spec.digest(),
         "metrics": record,
     }
-    write_checkpoint(run.run_dir, round_index, method_state, head, info)
+    write_checkpoint(run.run_dir, round_index, method_state, head, info, server_state)
     outputs.append_metrics(run.run_dir, record)
     ray.get(run.aggregator.log_metrics.remote(round_index, outputs.numbers(record)))
     return record
@@ -136,6 +136,7 @@ def _run_clients(run: RunContext, round_index: int, attempt: int, inits: dict[in
             head_ref,
             client_seed(spec, round_index, client),
             attempt * (reliability.client_retries + 1) + tries,
+            spec.train.trains_head(round_index),
         )
         pending[task] = _ClientTask(client, tries)
 

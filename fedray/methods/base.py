@@ -188,6 +188,19 @@ class Method(ABC):
         """What the global model adds to each frozen weight (dense, d x k)."""
         return {layer: as_dense(self._layer_global(layer)).to(FACTOR_DTYPE) for layer in self.shapes}
 
+    def server_state(self) -> dict[str, Tensor]:
+        """The global state a server optimizer steps (``fedray.methods.server_optimizer``),
+        as named float32 tensors of fixed shapes. By default the method's own state tensors
+        (the factors of FedIT, HETLoRA and Fed-PLoRA); a method whose state does not add up
+        that way (FLoRA, FlexLoRA, HLoRA: the dense global delta) overrides both this and
+        ``load_server_state``."""
+        return dict(self._state_tensors())
+
+    def load_server_state(self, tensors: Mapping[str, Tensor]) -> None:
+        """Make ``tensors`` (shaped as ``server_state()``) the global state."""
+        self._load_state_tensors(tensors)
+        self._global_norm_cache = None
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: ``{"tensors": {...}, "meta": {...}}``.
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fedray.methods.base import Method
-from fedray.methods.lowrank import Fold, LowRank, LowRankSum
+from fedray.methods.lowrank import Fold, LowRank, LowRankSum, as_dense
 from fedray.methods.messages import FACTOR_DTYPE, ClientId, ClientInit, ClientUpdate, Handout, Rank
 
 
@@ -51,6 +51,14 @@ class FLoRA(Method):
             self._delta[layer] = _to_factor_dtype(merged.total())
         # Stacking is exact: the new global delta is the FedAvg of the clients' models.
         return 0.0
+
+    def server_state(self) -> dict[str, Tensor]:
+        # The merged delta grows in rank every round: a server optimizer steps it dense.
+        return {layer: as_dense(delta).to(FACTOR_DTYPE) for layer, delta in self._delta.items()}
+
+    def load_server_state(self, tensors: Mapping[str, Tensor]) -> None:
+        self._delta = {layer: tensors[layer].to(FACTOR_DTYPE).clone() for layer in self.shapes}
+        self._global_norm_cache = None
 
     def _state_tensors(self) -> dict[str, Tensor]:
         tensors = {}

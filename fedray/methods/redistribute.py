@@ -73,18 +73,31 @@ class SVDRedistribution(Method):
 
     def _commit(self, sums: dict[str, LowRankSum], total_examples: int) -> float:
         for layer, running in sums.items():
-            triplets = svd(running.total())
-            S = triplets.S / total_examples
-            d, k = self.shapes[layer]
-            tolerance = float(S[0]) * max(d, k) * torch.finfo(FACTOR_DTYPE).eps if S.numel() else 0.0
-            keep = tolerance < S
-            self._svd[layer] = SVD(
-                triplets.U[:, keep].to(FACTOR_DTYPE),
-                S[keep].to(FACTOR_DTYPE),
-                triplets.Vh[keep].to(FACTOR_DTYPE),
-            )
+            self._store(layer, running.total(), total_examples)
         # The new global delta is the data-weighted average of the clients' products.
         return 0.0
+
+    def server_state(self) -> dict[str, Tensor]:
+        # A server optimizer steps the dense delta (global_delta / scale), not its SVD factors.
+        return {layer: triplets.dense().to(FACTOR_DTYPE) for layer, triplets in self._svd.items()}
+
+    def load_server_state(self, tensors: Mapping[str, Tensor]) -> None:
+        for layer in self.shapes:
+            self._store(layer, tensors[layer], 1.0)
+        self._global_norm_cache = None
+
+    def _store(self, layer: str, matrix: Fold, divisor: float) -> None:
+        """Keep ``matrix / divisor`` as the layer's thin SVD, without numerically zero triplets."""
+        triplets = svd(matrix)
+        S = triplets.S / divisor
+        d, k = self.shapes[layer]
+        tolerance = float(S[0]) * max(d, k) * torch.finfo(FACTOR_DTYPE).eps if S.numel() else 0.0
+        keep = tolerance < S
+        self._svd[layer] = SVD(
+            triplets.U[:, keep].to(FACTOR_DTYPE),
+            S[keep].to(FACTOR_DTYPE),
+            triplets.Vh[keep].to(FACTOR_DTYPE),
+        )
 
     def _state_tensors(self) -> dict[str, Tensor]:
         tensors = {}

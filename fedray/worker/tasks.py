@@ -73,14 +73,16 @@ def client_round(
     head: Mapping[str, torch.Tensor] | None,
     seed: int,
     attempt: int = 0,
+    train_head: bool = True,
 ) -> ClientResult:
     """One client's round in this process (``shared_box`` holds the base's ObjectRef): its
-    injected fault if the spec asks for one, then training on the shard ``indices``."""
+    injected fault if the spec asks for one, then training on the shard ``indices``
+    (the head too if ``train_head``: ``TrainSpec.trains_head`` of the round)."""
     corrupted = inject_fault(spec.faults, fault_seed(seed, attempt))
     set_threads(spec)
     bench = workbench(run_key, shared_box)
     shard = inputs.dataset_split(spec).train.subset(indices)
-    result = bench.train(init, shard, spec.train, head=head, seed=seed)
+    result = bench.train(init, shard, spec.train, head=head, seed=seed, train_head=train_head)
     if corrupted:
         corrupt(result.update)
     result.metrics["worker"] = worker_info(run_key)

@@ -1,5 +1,6 @@
-"""The parts of a client's local training: its optimizer, its step budget, its batches, and
-the peak memory it reports (the loop itself is ``Workbench.train``)."""
+"""The parts of a client's local training: its optimizer, its step budget, its batches, the
+remedies for non-IID data (FedProx's proximal gradient, logit adjustment by the client's
+label shares) and the peak memory it reports (the loop itself is ``Workbench.train``)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,27 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RSS_UNIT_BYTES
+
+
+def add_proximal_gradient(params: list[torch.Tensor], starts: list[torch.Tensor], mu: float) -> None:
+    """FedProx (Li et al., 2020): add the gradient of ``mu/2 * ||theta - theta_start||^2``,
+    ``mu * (theta - theta_start)``, to each parameter's gradient (after ``backward``)."""
+    with torch.no_grad():
+        for param, start in zip(params, starts, strict=True):
+            if param.grad is None:
+                param.grad = mu * (param - start)
+            else:
+                param.grad.add_(param - start, alpha=mu)
+
+
+def label_log_shares(labels: list[int], num_labels: int) -> torch.Tensor:
+    """``log`` of a client's label shares, Laplace-smoothed (a class it lacks gets 1 / (n + C))."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_labels).double()
+    return torch.log((counts + 1) / (counts.sum() + num_labels)).float()
+
+
+def adjusted_loss(logits: torch.Tensor, labels: torch.Tensor, log_shares: torch.Tensor, tau: float) -> torch.Tensor:
+    """Logit adjustment (Menon et al., 2021; with tau = 1 the balanced softmax of Ren et al., 2020):
+    cross-entropy of ``logits + tau * log_shares``. The model learns logits free of the
+    client's own label skew; evaluation reads the logits unadjusted."""
+    return torch.nn.functional.cross_entropy(logits + tau * log_shares.to(logits), labels.view(-1))

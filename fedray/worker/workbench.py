@@ -62,33 +62,47 @@ class Workbench:
         *,
         head: Mapping[str, torch.Tensor] | None = None,
         seed: int = 0,
+        train_head: bool = True,
     ) -> ClientResult:
-        """One client's round: train ``init``'s factors (and the head, if ``settings.train_head``) on ``shard``.
+        """One client's round: train ``init``'s factors (and the head, if ``settings.train_head``
+        and ``train_head``: the round's say) on ``shard``.
 
         The client's method has its say through ``init.hook`` (an extra loss term, a last
         step that may shrink the update), so nothing here knows which method it trains for.
+        The non-IID remedies of ``settings`` (``prox_mu``, ``logit_adjust``) apply to every method.
         """
         if len(shard) == 0:
             raise ValueError(f"client {init.client_id!r} has an empty shard; use fewer clients or a larger dataset")
         started = time.perf_counter()
         torch.manual_seed(seed)
-        train_head = settings.train_head and head is not None
+        train_head = train_head and settings.train_head and head is not None
+        log_shares = None
+        if settings.logit_adjust > 0:
+            if self.task != "classification":
+                raise ValueError("train.logit_adjust applies to classification; set it to 0 for generation tasks")
+            log_shares = training.label_log_shares(shard.labels, self.model.config.num_labels)
         with self.client_model(init, head, train_head=train_head) as (peft_model, lora, head_params):
             factors = [p for pair in lora.values() for p in pair]
             trainable = factors + list(head_params.values())
             optimizer = training.optimizer(settings, factors, list(head_params.values()))
+            starts = [p.detach().clone() for p in trainable] if settings.prox_mu > 0 else []
             losses = []
             steps = training.num_steps(settings, len(shard))
             peft_model.train()
             for batch in training.cycle(self.tokenizer, shard, settings, seed, steps):
                 batch = {key: value.to(self.device) for key, value in batch.items()}
-                loss = peft_model(**batch).loss
+                output = peft_model(**batch)
+                loss = output.loss
+                if log_shares is not None:
+                    loss = training.adjusted_loss(output.logits, batch["labels"], log_shares, settings.logit_adjust)
                 objective = loss
                 extra = init.hook.loss_term(lora)
                 if extra is not None:
                     objective = loss + extra
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
+                if starts:
+                    training.add_proximal_gradient(trainable, starts, settings.prox_mu)
                 if settings.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
                 optimizer.step()
