@@ -30,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument(
         "--allow-spec-change", action="store_true", help="with --resume: accept overrides of safe fields (rounds, eval)"
     )
+    run_parser.add_argument(
+        "--resume-if-exists",
+        action="store_true",
+        help="with --run-dir: continue the run there if it has a checkpoint of this spec, else start it "
+        "(for jobs that may be submitted again after a lost head node)",
+    )
     run_parser.add_argument("--quiet", action="store_true", help="no progress; the summary is still printed")
     run_parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     sweep_parser = commands.add_parser("sweep", help="run every cell of a grid (variants x settings x seeds)")
@@ -72,12 +78,14 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         else:
             # The spec alone, before the driver's imports: a typo fails in about a second.
             spec = load_spec(args.spec, overrides)
+            if args.resume_if_exists and not args.run_dir:
+                raise SpecError("--resume-if-exists needs --run-dir: the directory the run continues in")
     except SpecError as error:
         print(f"fedray: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
     _quiet_libraries()
-    from fedray.driver.lifecycle import RunFailed, resume, run
+    from fedray.driver.lifecycle import RunFailed, resume, run, run_or_resume
 
     try:
         if spec is None:
@@ -89,7 +97,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 progress=not args.quiet,
             )
         else:
-            summary = run(
+            summary = (run_or_resume if args.resume_if_exists else run)(
                 spec,
                 run_dir=args.run_dir,
                 tracking_uri=args.tracking_uri,

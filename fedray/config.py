@@ -161,6 +161,9 @@ class ReliabilitySpec(_Strict):
     round_attempts: int = Field(3, ge=1, description="samples tried for one round before the run stops")
     max_update_norm: float | None = Field(None, gt=0, description="bound on ||scale * B @ A|| of a client update")
     on_large_update: Literal["reject", "clip"] = Field("reject", description="what to do past max_update_norm")
+    aggregator_restarts: int = Field(
+        3, ge=0, description="times a lost aggregation actor is recreated from the last checkpoint"
+    )
 
 
 class RankTierSpec(_Strict):

@@ -42,6 +42,11 @@ def test_resume_of_a_directory_without_a_run_says_what_to_do(capsys, tmp_path):
     assert "has no checkpoint (no complete round); start it again without --resume" in capsys.readouterr().err
 
 
+def test_resume_if_exists_needs_the_directory_to_continue_in(capsys):
+    assert main(["run", str(JOBS / "quickstart.yaml"), "--resume-if-exists"]) == EXIT_BAD_INPUT
+    assert "--resume-if-exists needs --run-dir" in capsys.readouterr().err
+
+
 def test_an_existing_run_directory_is_not_overwritten(capsys, tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     assert main(["run", str(JOBS / "quickstart.yaml"), "--run-dir", str(tmp_path), "--quiet"]) == EXIT_BAD_INPUT

@@ -8,6 +8,7 @@ model in the object store once, starts the aggregation actor and plays the round
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from collections.abc import Mapping
@@ -25,7 +26,7 @@ from fedray import inputs
 from fedray.config import Spec, SpecError, load_spec
 from fedray.driver import outputs
 from fedray.driver.aggregator import Aggregator
-from fedray.driver.checkpoint import Checkpoint, read_checkpoint
+from fedray.driver.checkpoint import CHECKPOINT_DIR, LATEST, Checkpoint, read_checkpoint
 from fedray.driver.cluster import check_services, connect_ray
 from fedray.driver.outputs import RunSummary
 from fedray.driver.prepare import Prepared, prepare
@@ -35,12 +36,19 @@ from fedray.models import export_base, head_state, target_layers
 from fedray.tracking.names import EVAL_METRICS, MAJORITY_METRIC
 from fedray.tracking.store import DEFAULT_RUNS_ROOT, Tracker, default_tracking_uri
 
-__all__ = ["RunFailed", "RunSummary", "resume", "run"]
+__all__ = ["RunFailed", "RunSummary", "resume", "run", "run_or_resume"]
 
 #: What a run directory holds after a start that failed before its first round; a plain re-run writes over it.
 START_FILES = ("spec.yaml", "partition.json")
 #: Spec fields a resumed run may change with --allow-spec-change (they alter no past round).
-SAFE_TO_CHANGE = ("rounds", "eval.", "resources.", "reliability.client_timeout_s", "reliability.client_retries")
+SAFE_TO_CHANGE = (
+    "rounds",
+    "eval.",
+    "resources.",
+    "reliability.client_timeout_s",
+    "reliability.client_retries",
+    "reliability.aggregator_restarts",
+)
 
 
 def run(
@@ -121,12 +129,34 @@ def resume(
     prepared = _prepare(spec, run_dir, info["tracking_uri"], address)
     tracker = Tracker(info["tracking_uri"], info["run_id"])
     MlflowClient(info["tracking_uri"]).update_run(info["run_id"], status="RUNNING")
-    done = info["round"]
-    outputs.restore_metrics(run_dir, info["metrics"])
-    # The checkpoint is written before its round is logged: log it if that never happened.
+    _catch_up(run_dir, tracker, checkpoint)
+    first_round = info["round"] + 1
+    return _execute(spec, run_dir, tracker, prepared, address, progress, first_round=first_round, checkpoint=checkpoint)
+
+
+def run_or_resume(spec: Spec, run_dir: str | Path, **options) -> RunSummary:
+    """Resume ``run_dir`` if it holds a checkpoint of ``spec``, else start ``spec`` there
+    (``fedray run --resume-if-exists``: a resubmitted job continues where it stopped)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT_DIR / LATEST).is_file():
+        return run(spec, run_dir=run_dir, **options)
+    saved = read_checkpoint(run_dir).info
+    if saved["spec_digest"] != spec.digest():
+        raise SpecError(f"{run_dir} holds a run of another spec; give the same spec to continue it, or a new --run-dir")
+    tracking_uri = options.pop("tracking_uri", None)
+    if tracking_uri is not None and tracking_uri != saved["tracking_uri"]:
+        raise SpecError(f"{run_dir} logs to {saved['tracking_uri']}, not {tracking_uri}; drop --tracking-uri")
+    options.pop("run_name", None), options.pop("tags", None)
+    return resume(run_dir, **options)
+
+
+def _catch_up(run_dir: Path, tracker: Tracker, checkpoint: Checkpoint) -> None:
+    """Make the run's records end at ``checkpoint``'s round: ``metrics.jsonl`` cut there, and
+    the round logged to MLflow if that never happened (it is logged after its checkpoint)."""
+    done = checkpoint.info["round"]
+    outputs.restore_metrics(run_dir, checkpoint.info["metrics"])
     if not any(m.step == done for m in MlflowClient(tracker.uri).get_metric_history(tracker.run_id, "clients_ok")):
-        tracker.log_metrics(done, outputs.numbers(info["metrics"]))
-    return _execute(spec, run_dir, tracker, prepared, address, progress, first_round=done + 1, checkpoint=checkpoint)
+        tracker.log_metrics(done, outputs.numbers(checkpoint.info["metrics"]))
 
 
 def _prepare(spec: Spec, run_dir: Path, tracking_uri: str, address: str | None) -> Prepared:
@@ -156,15 +186,7 @@ def _execute(
     status = "FAILED"
     aggregator = None
     try:
-        shapes = target_layers(base.model, base.target_modules)
-        # On the driver's node: the tracking URI and paths the user gave are valid there, and
-        # the actor never keeps an autoscaled GPU worker alive (or dies with a spot one).
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        aggregator = Aggregator.options(scheduling_strategy=here).remote(
-            spec, METHODS[spec.method], shapes, head_state(base.model) or None, tracker.uri, tracker.run_id
-        )
-        if checkpoint is not None:
-            ray.get(aggregator.load_state.remote(checkpoint.method_state, checkpoint.head, checkpoint.server_state))
+        aggregator = _start_aggregator(spec, base, tracker, checkpoint)
         context = RunContext(
             spec=spec,
             run_dir=run_dir,
@@ -178,11 +200,28 @@ def _execute(
         console.print(f"fedray: run [bold]{tracker.run_id}[/] of experiment [bold]{spec.name}[/] in {run_dir}")
         summary = RunSummary(run_dir, tracker.uri, tracker.run_id, spec.name)
         shown = outputs.RoundProgress(console, rounds=spec.rounds, first_round=first_round, metric_name=metric_name)
+        restarts = 0
         with shown:
-            for round_index in range(first_round, spec.rounds):
-                record = play_round(context, round_index, shown.show)
+            round_index = first_round
+            while round_index < spec.rounds:
+                try:
+                    record = play_round(context, round_index, shown.show)
+                except ray.exceptions.RayActorError as error:
+                    # The aggregation actor died (killed, out of memory, its node lost): a new
+                    # one continues from the last checkpoint and the round in flight is replayed.
+                    restarts += 1
+                    if restarts > spec.reliability.aggregator_restarts:
+                        raise RunFailed(
+                            f"the aggregation actor died {restarts} times (last: {type(error).__name__}); "
+                            f"raise reliability.aggregator_restarts or `fedray run --resume {run_dir}`"
+                        ) from error
+                    context, round_index = _replace_aggregator(context, base, summary, first_round)
+                    aggregator = context.aggregator
+                    shown.show(f"aggregation actor lost; replaying from round {round_index + 1}")
+                    continue
                 summary.rounds.append(record)
                 shown.round_done(record)
+                round_index += 1
         state, heatmaps = ray.get([aggregator.global_state.remote(), aggregator.heatmaps.remote()])
         outputs.export(run_dir, state, heatmaps, base, spec, tracker)
         summary.final_metrics = outputs.final_metrics(run_dir)
@@ -199,6 +238,43 @@ def _execute(
         if aggregator is not None:
             ray.kill(aggregator)
     return summary
+
+
+def _replace_aggregator(context: RunContext, base, summary: RunSummary, first_round: int) -> tuple[RunContext, int]:
+    """A new aggregation actor from the last checkpoint in place of a dead one; the run's
+    records cut back to that checkpoint. Returns the new context and the round to play next."""
+    ray.kill(context.aggregator)
+    checkpoint = _last_checkpoint(context.run_dir)
+    aggregator = _start_aggregator(context.spec, base, context.tracker, checkpoint)
+    next_round = 0 if checkpoint is None else checkpoint.info["round"] + 1
+    summary.rounds = [record for record in summary.rounds if record["round"] < next_round]
+    if checkpoint is not None:
+        _catch_up(context.run_dir, context.tracker, checkpoint)
+        done = checkpoint.info["round"]
+        if done >= first_round and not any(record["round"] == done for record in summary.rounds):
+            summary.rounds.append(checkpoint.info["metrics"])  # lost between its checkpoint and its return
+    return dataclasses.replace(context, aggregator=aggregator), next_round
+
+
+def _start_aggregator(spec: Spec, base, tracker: Tracker, checkpoint: Checkpoint | None):
+    """A new aggregation actor, holding ``checkpoint``'s state if one is given."""
+    shapes = target_layers(base.model, base.target_modules)
+    # On the driver's node: the tracking URI and paths the user gave are valid there, and
+    # the actor never keeps an autoscaled GPU worker alive (or dies with a spot one).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    aggregator = Aggregator.options(scheduling_strategy=here).remote(
+        spec, METHODS[spec.method], shapes, head_state(base.model) or None, tracker.uri, tracker.run_id
+    )
+    if checkpoint is not None:
+        ray.get(aggregator.load_state.remote(checkpoint.method_state, checkpoint.head, checkpoint.server_state))
+    return aggregator
+
+
+def _last_checkpoint(run_dir: Path) -> Checkpoint | None:
+    try:
+        return read_checkpoint(run_dir)
+    except FileNotFoundError:
+        return None
 
 
 def _tags(spec: Spec) -> dict[str, str]:

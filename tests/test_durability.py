@@ -1,0 +1,110 @@
+"""A run survives the loss of one process: the aggregation actor, or the driver of a job
+that is submitted again (``--resume-if-exists``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from fedray.config import SpecError, load_spec
+from fedray.driver import lifecycle, rounds
+from fedray.driver.checkpoint import read_checkpoint
+from fedray.driver.lifecycle import run, run_or_resume
+from fedray.methods import method_from_state
+from tests.test_reliability import TINY, _history
+
+
+def _ending(run_dir):
+    checkpoint = read_checkpoint(run_dir)
+    return method_from_state(checkpoint.method_state).global_delta(), checkpoint.head
+
+
+def _assert_identical(whole, other, tracking_uri, rounds_done: int):
+    (delta_a, head_a), (delta_b, head_b) = _ending(whole), _ending(other)
+    assert all(torch.equal(delta_a[layer], delta_b[layer]) for layer in delta_a)
+    assert all(torch.equal(head_a[name], head_b[name]) for name in head_a)
+    run_ids = [read_checkpoint(path).info["run_id"] for path in (whole, other)]
+    for name in ("eval_accuracy", "train_loss", "clients_ok"):
+        first, second = (_history(tracking_uri, run_id, name) for run_id in run_ids)
+        assert [step for step, _ in second] == list(range(rounds_done)), name  # each round once
+        assert [value for _, value in first] == [value for _, value in second], name
+    lines = [json.loads(line) for line in (other / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == list(range(rounds_done))
+
+
+def test_a_killed_aggregation_actor_is_replaced_and_the_run_ends_identically(
+    ray_session, tmp_path, tracking_uri, monkeypatch
+):
+    """Killed twice: right after round 0's checkpoint (before the round is logged), and in
+    round 1 after its clients were launched."""
+    spec = load_spec("jobs/quickstart.yaml", [*TINY, "rounds=3", "method=fedplora", "name=actor-loss"])
+    whole, hit = tmp_path / "whole", tmp_path / "hit"
+    run(spec, run_dir=whole, tracking_uri=tracking_uri, progress=False)
+
+    started, kills = [], []
+    start_aggregator, write_checkpoint, run_clients = (
+        lifecycle._start_aggregator,
+        rounds.write_checkpoint,
+        rounds._run_clients,
+    )
+
+    def remember(*args):
+        started.append(start_aggregator(*args))
+        return started[-1]
+
+    def kill_once(where: str) -> None:
+        if where not in kills:
+            kills.append(where)
+            ray.kill(started[-1], no_restart=True)
+
+    def checkpoint_then_kill(run_dir, round_index, *args):
+        write_checkpoint(run_dir, round_index, *args)
+        if round_index == 0:
+            kill_once("after checkpoint 0")
+
+    def kill_then_run(run_context, round_index, *args):
+        if round_index == 1:
+            kill_once("in round 1")
+        return run_clients(run_context, round_index, *args)
+
+    monkeypatch.setattr(lifecycle, "_start_aggregator", remember)
+    monkeypatch.setattr(rounds, "write_checkpoint", checkpoint_then_kill)
+    monkeypatch.setattr(rounds, "_run_clients", kill_then_run)
+    summary = run(spec, run_dir=hit, tracking_uri=tracking_uri, progress=False)
+
+    assert kills == ["after checkpoint 0", "in round 1"] and len(started) == 3
+    assert [record["round"] for record in summary.rounds] == [0, 1, 2]
+    _assert_identical(whole, hit, tracking_uri, rounds_done=3)
+    assert MlflowClient(tracking_uri).get_run(summary.run_id).info.status == "FINISHED"
+
+
+def test_a_resubmitted_job_continues_its_run(ray_session, tmp_path, tracking_uri, monkeypatch):
+    spec = load_spec("jobs/quickstart.yaml", [*TINY, "rounds=2", "method=hlora", "name=resubmit"])
+    whole, job = tmp_path / "whole", tmp_path / "job"
+    run(spec, run_dir=whole, tracking_uri=tracking_uri, progress=False)
+
+    write_checkpoint = rounds.write_checkpoint
+
+    def driver_lost_after_round_0(run_dir, round_index, *args):
+        write_checkpoint(run_dir, round_index, *args)
+        if round_index == 0:
+            raise KeyboardInterrupt  # the head node went away right after the checkpoint
+
+    monkeypatch.setattr(rounds, "write_checkpoint", driver_lost_after_round_0)
+    with pytest.raises(KeyboardInterrupt):
+        run_or_resume(spec, job, tracking_uri=tracking_uri, progress=False)
+    monkeypatch.undo()
+
+    other = load_spec("jobs/quickstart.yaml", [*TINY, "rounds=2", "method=hlora", "name=resubmit", "seed=1"])
+    with pytest.raises(SpecError, match="holds a run of another spec"):
+        run_or_resume(other, job, tracking_uri=tracking_uri, progress=False)
+    summary = run_or_resume(spec, job, tracking_uri=tracking_uri, progress=False)  # the same job, again
+    assert summary.run_id == read_checkpoint(job).info["run_id"]
+    assert [record["round"] for record in summary.rounds] == [1]
+    _assert_identical(whole, job, tracking_uri, rounds_done=2)
+    again = run_or_resume(spec, job, tracking_uri=tracking_uri, progress=False)  # a finished run: nothing to do
+    assert again.rounds == [] and again.run_id == summary.run_id
