@@ -15,7 +15,7 @@ from fedray.driver import lifecycle, rounds
 from fedray.driver.checkpoint import read_checkpoint
 from fedray.driver.lifecycle import run, run_or_resume
 from fedray.methods import method_from_state
-from tests.test_reliability import TINY, _history
+from tests.test_reliability import TINY, _history, stop_after_checkpoint
 
 
 def _ending(run_dir):
@@ -87,14 +87,7 @@ def test_a_resubmitted_job_continues_its_run(ray_session, tmp_path, tracking_uri
     whole, job = tmp_path / "whole", tmp_path / "job"
     run(spec, run_dir=whole, tracking_uri=tracking_uri, progress=False)
 
-    write_checkpoint = rounds.write_checkpoint
-
-    def driver_lost_after_round_0(run_dir, round_index, *args):
-        write_checkpoint(run_dir, round_index, *args)
-        if round_index == 0:
-            raise KeyboardInterrupt  # the head node went away right after the checkpoint
-
-    monkeypatch.setattr(rounds, "write_checkpoint", driver_lost_after_round_0)
+    stop_after_checkpoint(monkeypatch)  # the head node went away right after round 0's checkpoint
     with pytest.raises(KeyboardInterrupt):
         run_or_resume(spec, job, tracking_uri=tracking_uri, progress=False)
     monkeypatch.undo()

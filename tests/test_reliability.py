@@ -87,6 +87,21 @@ def _assert_same_ending(whole: Path, resumed: Path, method: str, tracking_uri: s
         assert line["eval_accuracy"] == pytest.approx(same["eval_accuracy"], abs=1e-6)
 
 
+def stop_after_checkpoint(monkeypatch, cut_metrics: bool = False) -> None:
+    """Make a run stop (KeyboardInterrupt) right after round 0's checkpoint, where a kill
+    does the most harm; ``cut_metrics`` also leaves metrics.jsonl cut off as a kill would."""
+    write_checkpoint = rounds.write_checkpoint
+
+    def checkpoint_then_stop(run_dir, round_index, *args):
+        write_checkpoint(run_dir, round_index, *args)
+        if round_index == 0:
+            if cut_metrics:
+                (run_dir / "metrics.jsonl").write_text('{"round": 0, "clie')  # the line the kill cut off
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(rounds, "write_checkpoint", checkpoint_then_stop)
+
+
 def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(ray_session, tmp_path, tracking_uri):
     overrides = [*TINY, "rounds=2", "method=fedplora", "name=resume-fedplora"]
     whole = tmp_path / "whole"  # the reference runs in this session's Ray; the killed run in a Ray of its own
@@ -121,15 +136,7 @@ def test_a_stop_right_after_a_checkpoint_resumes_to_the_same_end(
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run(spec, run_dir=whole, tracking_uri=tracking_uri, progress=False)
 
-    write_checkpoint = rounds.write_checkpoint
-
-    def checkpoint_then_stop(run_dir, round_index, *args):
-        write_checkpoint(run_dir, round_index, *args)
-        if round_index == 0:
-            (run_dir / "metrics.jsonl").write_text('{"round": 0, "clie')  # the line the kill cut off
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(rounds, "write_checkpoint", checkpoint_then_stop)
+    stop_after_checkpoint(monkeypatch, cut_metrics=True)
     with pytest.raises(KeyboardInterrupt):
         run(spec, run_dir=broken, tracking_uri=tracking_uri, progress=False)
     monkeypatch.undo()
