@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,6 +44,12 @@ class LocalCluster:
     metrics_ports: list[int]
     #: The head's dashboard (job submission), on 127.0.0.1.
     dashboard_url: str
+    #: Per node (the head first), the process group of its daemons and workers.
+    process_groups: list[int] = field(default_factory=list)
+
+    def stop_node(self, index: int) -> None:
+        """Kill node ``index`` and everything running on it, as a lost machine would vanish."""
+        _kill_process_groups([self.process_groups[index]])
 
     @property
     def service_discovery_file(self) -> Path:
@@ -66,7 +72,7 @@ def local_cluster(
     temp_dir = Path("/tmp") / f"ray-{gcs_port}"  # short: Ray's socket paths have a length limit
     dashboard_port = free_port()
     cluster = LocalCluster(f"127.0.0.1:{gcs_port}", temp_dir, cluster_env, [], f"http://127.0.0.1:{dashboard_port}")
-    process_groups: list[int] = []
+    process_groups = cluster.process_groups
     try:
         for index, cpus in enumerate(node_cpus):
             metrics_port = free_port()

@@ -1,21 +1,32 @@
-"""A run survives the loss of one process: the aggregation actor, or the driver of a job
-that is submitted again (``--resume-if-exists``)."""
+"""A run survives the loss of one process: the aggregation actor, the driver of a job that
+is submitted again (``--resume-if-exists``), or the head node of a run whose directory is
+on object storage (a real S3-protocol server on loopback)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
 
 import pytest
 import ray
 import torch
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 from fedray.config import SpecError, load_spec
 from fedray.driver import lifecycle, rounds
 from fedray.driver.checkpoint import read_checkpoint
 from fedray.driver.lifecycle import run, run_or_resume
+from fedray.driver.storage import RemoteRunDir
 from fedray.methods import method_from_state
-from tests.test_reliability import TINY, _history, stop_after_checkpoint
+from tests.test_reliability import REPO, RUN_TIMEOUT_S, TINY, _cli, _history, stop_after_checkpoint
 
 
 def _ending(run_dir):
@@ -101,3 +112,79 @@ def test_a_resubmitted_job_continues_its_run(ray_session, tmp_path, tracking_uri
     _assert_identical(whole, job, tracking_uri, rounds_done=2)
     again = run_or_resume(spec, job, tracking_uri=tracking_uri, progress=False)  # a finished run: nothing to do
     assert again.rounds == [] and again.run_id == summary.run_id
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3-protocol server (moto) on loopback, and the environment that points s3fs at it."""
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "fedray-test",
+        "AWS_SECRET_ACCESS_KEY": "fedray-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("fedray-test")
+    yield fs
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+def test_a_run_on_s3_killed_and_resumed_ends_like_a_local_run(ray_session, tmp_path, tracking_uri, s3_server):
+    """SIGKILL after a round, the local staging folder lost too (a new head node), a
+    half-uploaded round (objects, no manifest) on the store: the resume ignores it."""
+    fs = s3_server
+    overrides = [*TINY, "rounds=3", "method=fedplora", "name=s3-run"]
+    whole = tmp_path / "whole"
+    run(load_spec("jobs/quickstart.yaml", overrides), run_dir=whole, tracking_uri=tracking_uri, progress=False)
+
+    uri = "s3://fedray-test/runs/killed"
+    command = _cli("jobs/quickstart.yaml", *overrides, "--run-dir", uri, "--tracking-uri", tracking_uri)
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not fs.glob("fedray-test/runs/killed/checkpoint/round-*.json"):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.2)
+        fs.invalidate_cache()
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    shutil.rmtree(RemoteRunDir(uri).local)
+
+    done = RemoteRunDir(uri).newest_manifest()["round"]
+    assert done < 2, "the kill came after the last round"
+    fs.pipe_file(f"fedray-test/runs/killed/checkpoint/round-{done + 1:06d}.method.safetensors", b"half-written")
+    resumed = subprocess.run(_cli("--resume", uri), cwd=REPO, timeout=RUN_TIMEOUT_S, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    local = tmp_path / "downloaded"
+    fs.get("fedray-test/runs/killed", str(local), recursive=True)
+    assert RemoteRunDir(uri).newest_manifest()["round"] == 2
+    expected, got = (load_file(str(path / "adapter" / "adapter_model.safetensors")) for path in (whole, local))
+    assert expected.keys() == got.keys()
+    assert max(float((expected[key] - got[key]).abs().max()) for key in expected) <= 1e-6
+    lines = [[json.loads(row) for row in (path / "metrics.jsonl").read_text().splitlines()] for path in (whole, local)]
+    assert [line["round"] for line in lines[1]] == [0, 1, 2]
+    for reference, line in zip(*lines, strict=True):
+        assert line["clients"] == reference["clients"]
+        assert line["eval_accuracy"] == pytest.approx(reference["eval_accuracy"], abs=1e-6)
+        assert line["train_loss"] == pytest.approx(reference["train_loss"], abs=1e-6)
+
+
+def test_a_missing_filesystem_is_one_error_naming_the_extra():
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(ValueError, match=re.escape("pip install 'fedray[gcs]'")):
+        RemoteRunDir("gs://bucket/run")

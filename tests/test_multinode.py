@@ -59,3 +59,30 @@ def test_client_tasks_run_on_both_nodes_and_each_worker_builds_the_base_once(tmp
     assert [(r["clients_ok"], r["clients_failed"]) for r in rounds] == [(2, 0), (2, 0)]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert elapsed_s < RUN_TIMEOUT_S
+
+
+def test_a_lost_worker_node_costs_its_clients_a_retry_on_the_node_left(tmp_path, tracking_uri):
+    """The second node is killed (daemons and workers) while round 1's clients train: its
+    client is retried on the head node and the round completes with both clients."""
+    slow_clients = ["faults.delay_prob=1.0", "faults.delay_s=6", "reliability.client_retries=4"]
+    with local_cluster([1, 1]) as cluster:
+        run_dir = tmp_path / "run"
+        command = [sys.executable, "-c", RUN_SCRIPT, cluster.address, str(run_dir), tracking_uri, "name=lost-node"]
+        driver = subprocess.Popen(
+            [*command, *TINY_RUN, *slow_clients, "reliability.min_clients_per_round=2"],
+            env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        )  # fmt: skip
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-3000:]
+            time.sleep(0.2)
+        time.sleep(2.0)  # round 1's clients are in their 6 s stall, one on each node
+        cluster.stop_node(1)
+        stdout, stderr = driver.communicate(timeout=RUN_TIMEOUT_S)
+    assert driver.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    rounds = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["clients_ok"], r["clients_failed"]) for r in rounds] == [(2, 0), (2, 0)]
+    assert rounds[0]["client_retries"] == 0 and rounds[1]["client_retries"] >= 1, rounds[1]["retries"]
+    (reasons,) = rounds[1]["retries"].values()
+    assert all("died" in reason or "Node" in reason or "Worker" in reason for reason in reasons), reasons

@@ -31,6 +31,7 @@ from fedray.driver.cluster import check_services, connect_ray
 from fedray.driver.outputs import RunSummary
 from fedray.driver.prepare import Prepared, prepare
 from fedray.driver.rounds import RunContext, RunFailed, play_round
+from fedray.driver.storage import START_FILES, RemoteRunDir, is_remote
 from fedray.methods import METHODS
 from fedray.models import export_base, head_state, target_layers
 from fedray.tracking.names import EVAL_METRICS, MAJORITY_METRIC
@@ -38,8 +39,6 @@ from fedray.tracking.store import DEFAULT_RUNS_ROOT, Tracker, default_tracking_u
 
 __all__ = ["RunFailed", "RunSummary", "resume", "run", "run_or_resume"]
 
-#: What a run directory holds after a start that failed before its first round; a plain re-run writes over it.
-START_FILES = ("spec.yaml", "partition.json")
 #: Spec fields a resumed run may change with --allow-spec-change (they alter no past round).
 SAFE_TO_CHANGE = (
     "rounds",
@@ -64,10 +63,18 @@ def run(
     """Run ``spec`` from its first round to the end.
 
     ``run_name`` and ``tags`` add to the MLflow run's defaults (a sweep names its cells and
-    tags them with their parent run and axis values)."""
+    tags them with their parent run and axis values). ``run_dir`` may be an fsspec URI
+    (``s3://bucket/prefix``): see ``fedray.driver.storage``."""
+    remote = None
     if run_dir is None:
         runs_root = DEFAULT_RUNS_ROOT
         run_dir = runs_root / spec.name / datetime.now().strftime("%Y%m%d-%H%M%S")
+    elif is_remote(run_dir):
+        remote = RemoteRunDir(str(run_dir))
+        if remote.holds_run():
+            raise FileExistsError(f"run directory {remote} already holds a run; choose a new --run-dir or --resume it")
+        runs_root = DEFAULT_RUNS_ROOT
+        run_dir = remote.stage_new()
     else:
         run_dir = Path(run_dir)
         runs_root = run_dir.parent
@@ -80,19 +87,21 @@ def run(
         tracking_uri = default_tracking_uri(runs_root)
     prepared = _prepare(spec, run_dir, tracking_uri, address)
     (run_dir / "partition.json").write_text(json.dumps(prepared.partition.stats, indent=1))
+    if remote is not None:
+        remote.upload_start()
     label = spec.label or spec.method
     tracker = Tracker.start(
         tracking_uri,
         spec.name,
         artifact_root=runs_root / "mlartifacts",
-        run_name=run_name or f"{label}-s{spec.seed}-{run_dir.name}",
+        run_name=run_name or f"{label}-s{spec.seed}-{(remote or run_dir).name}",
         params=spec.flat() | {"label": label},
         tags=_tags(spec) | dict(tags or {}),
     )
     if prepared.task == "classification":
         # The reference line of every accuracy: what always answering the majority class scores.
         tracker.log_metrics(0, {MAJORITY_METRIC: inputs.eval_set(spec, prepared.split).majority_share()})
-    return _execute(spec, run_dir, tracker, prepared, address, progress, first_round=0)
+    return _execute(spec, run_dir, tracker, prepared, address, progress, first_round=0, remote=remote)
 
 
 def resume(
@@ -103,7 +112,11 @@ def resume(
     address: str | None = None,
     progress: bool = True,
 ) -> RunSummary:
-    """Continue ``run_dir`` from its last complete round, in the same MLflow run."""
+    """Continue ``run_dir`` (a folder or an fsspec URI) from its last complete round, in the same MLflow run."""
+    remote = None
+    if is_remote(run_dir):
+        remote = RemoteRunDir(str(run_dir))
+        run_dir = remote.stage_for_resume()
     run_dir = Path(run_dir)
     if not (run_dir / "spec.yaml").is_file():
         raise FileNotFoundError(
@@ -131,16 +144,29 @@ def resume(
     MlflowClient(info["tracking_uri"]).update_run(info["run_id"], status="RUNNING")
     _catch_up(run_dir, tracker, checkpoint)
     first_round = info["round"] + 1
-    return _execute(spec, run_dir, tracker, prepared, address, progress, first_round=first_round, checkpoint=checkpoint)
+    return _execute(
+        spec,
+        run_dir,
+        tracker,
+        prepared,
+        address,
+        progress,
+        first_round=first_round,
+        checkpoint=checkpoint,
+        remote=remote,
+    )
 
 
 def run_or_resume(spec: Spec, run_dir: str | Path, **options) -> RunSummary:
     """Resume ``run_dir`` if it holds a checkpoint of ``spec``, else start ``spec`` there
     (``fedray run --resume-if-exists``: a resubmitted job continues where it stopped)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CHECKPOINT_DIR / LATEST).is_file():
+    if is_remote(run_dir):
+        saved = RemoteRunDir(str(run_dir)).newest_manifest()
+    else:
+        run_dir = Path(run_dir)
+        saved = read_checkpoint(run_dir).info if (run_dir / CHECKPOINT_DIR / LATEST).is_file() else None
+    if saved is None:
         return run(spec, run_dir=run_dir, **options)
-    saved = read_checkpoint(run_dir).info
     if saved["spec_digest"] != spec.digest():
         raise SpecError(f"{run_dir} holds a run of another spec; give the same spec to continue it, or a new --run-dir")
     tracking_uri = options.pop("tracking_uri", None)
@@ -180,6 +206,7 @@ def _execute(
     *,
     first_round: int,
     checkpoint: Checkpoint | None = None,
+    remote: RemoteRunDir | None = None,
 ) -> RunSummary:
     console = Console(stderr=True, quiet=not progress, soft_wrap=True)
     base = prepared.base
@@ -195,10 +222,12 @@ def _execute(
             shared_ref=ray.put(export_base(base)),
             aggregator=aggregator,
             tracker=tracker,
+            remote=remote,
         )
         metric_name = EVAL_METRICS[prepared.task]
-        console.print(f"fedray: run [bold]{tracker.run_id}[/] of experiment [bold]{spec.name}[/] in {run_dir}")
-        summary = RunSummary(run_dir, tracker.uri, tracker.run_id, spec.name)
+        where = remote or run_dir
+        console.print(f"fedray: run [bold]{tracker.run_id}[/] of experiment [bold]{spec.name}[/] in {where}")
+        summary = RunSummary(where, tracker.uri, tracker.run_id, spec.name)
         shown = outputs.RoundProgress(console, rounds=spec.rounds, first_round=first_round, metric_name=metric_name)
         restarts = 0
         with shown:
@@ -227,6 +256,8 @@ def _execute(
         summary.final_metrics = outputs.final_metrics(run_dir)
         summary.worker_builds = ray.get(aggregator.worker_builds.remote())
         (run_dir / "workers.json").write_text(json.dumps(summary.worker_builds, indent=1))
+        if remote is not None:
+            remote.upload_outputs()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

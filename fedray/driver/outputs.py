@@ -26,7 +26,8 @@ ARTIFACTS = ("spec.yaml", "partition.json", METRICS_FILE, "adapter")
 class RunSummary:
     """What a finished run leaves behind."""
 
-    run_dir: Path
+    #: The run directory: a local folder, or the remote run directory (its URI when printed).
+    run_dir: Path | Any
     tracking_uri: str
     run_id: str
     experiment: str

@@ -23,6 +23,7 @@ from fedray.driver import outputs
 from fedray.driver.aggregator import TooFewClients
 from fedray.driver.checkpoint import write_checkpoint
 from fedray.driver.sampling import client_seed, sample_clients
+from fedray.driver.storage import RemoteRunDir
 from fedray.tracking.store import Tracker
 from fedray.worker.tasks import eval_task, train_task
 
@@ -52,6 +53,8 @@ class RunContext:
     #: The aggregation actor's handle.
     aggregator: Any
     tracker: Tracker
+    #: Where the run directory lives when it is not local (run_dir is then its staging folder).
+    remote: RemoteRunDir | None = None
 
     @property
     def resources(self) -> dict[str, float]:
@@ -79,7 +82,7 @@ def play_round(run: RunContext, round_index: int, show: Show) -> dict[str, Any]:
         inits = {client: run.aggregator.client_init.remote(client, run.client_ranks[client]) for client in sampled}
         ray.get(run.aggregator.begin_round.remote(sampled))
         try:
-            _run_clients(run, round_index, attempt, inits, show)
+            retried = _run_clients(run, round_index, attempt, inits, show)
             metrics = ray.get(run.aggregator.end_round.remote())
             break
         except TooFewClients as error:
@@ -96,13 +99,14 @@ def play_round(run: RunContext, round_index: int, show: Show) -> dict[str, Any]:
         )
     failures = metrics.pop("failures")
     metrics["round_attempts"] = float(attempt + 1)
+    metrics["client_retries"] = float(sum(len(reasons) for reasons in retried.values()))
     if round_index == spec.rounds - 1 or (round_index + 1) % spec.eval.every == 0:
         state_ref = run.aggregator.global_state.remote()
         metrics |= ray.get(
             eval_task.options(**run.resources).remote(run.tracker.run_id, [run.shared_ref], state_ref, spec)
         )
     metrics["round_s"] = time.perf_counter() - started
-    record = {"round": round_index, "clients": sampled, **metrics, "failures": failures}
+    record = {"round": round_index, "clients": sampled, **metrics, "failures": failures, "retries": retried}
     method_state, head, server_state = ray.get(run.aggregator.state.remote())
     info = {
         "run_id": run.tracker.run_id,
@@ -113,18 +117,25 @@ def play_round(run: RunContext, round_index: int, show: Show) -> dict[str, Any]:
     }
     write_checkpoint(run.run_dir, round_index, method_state, head, info, server_state)
     outputs.append_metrics(run.run_dir, record)
+    if run.remote is not None:
+        run.remote.upload_round(round_index)
     ray.get(run.aggregator.log_metrics.remote(round_index, outputs.numbers(record)))
     return record
 
 
-def _run_clients(run: RunContext, round_index: int, attempt: int, inits: dict[int, Any], show: Show) -> None:
-    """Train the sampled clients (``inits``: their starts' refs); hand each result to the actor as it finishes."""
+def _run_clients(
+    run: RunContext, round_index: int, attempt: int, inits: dict[int, Any], show: Show
+) -> dict[str, list[str]]:
+    """Train the sampled clients (``inits``: their starts' refs); hand each result to the actor as it finishes.
+
+    Returns, per client that was retried, why each of its failed tries failed."""
     spec, reliability = run.spec, run.spec.reliability
     head_ref = run.aggregator.global_head.remote()
     # Each task yields STARTED, its status, then its result (see ``train_task``). A task's
     # timeout clock starts at STARTED: waiting for a free slot or a new worker is not running.
     pending: dict[Any, _ClientTask] = {}
     acknowledgements: list = []
+    retried: dict[str, list[str]] = {}
 
     def launch(client: int, tries: int) -> None:
         task = train_task.options(**run.resources).remote(
@@ -142,6 +153,7 @@ def _run_clients(run: RunContext, round_index: int, attempt: int, inits: dict[in
 
     def failed(entry: _ClientTask, reason: str) -> None:
         if entry.tries < reliability.client_retries:
+            retried.setdefault(str(entry.client), []).append(reason)
             launch(entry.client, entry.tries + 1)
         else:
             acknowledgements.append(run.aggregator.report_failure.remote(entry.client, reason))
@@ -178,6 +190,7 @@ def _run_clients(run: RunContext, round_index: int, attempt: int, inits: dict[in
                     failed(entry, f"timed out after {reliability.client_timeout_s} s")
         show(f"round {round_index + 1}: clients {finished}/{len(inits)}")
     ray.get(acknowledgements)
+    return retried
 
 
 def failure_reason(error: BaseException) -> str:
