@@ -17,16 +17,20 @@ import time
 import pytest
 import ray
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from fedray.config import SpecError, load_spec
 from fedray.driver import lifecycle, rounds
 from fedray.driver.checkpoint import read_checkpoint
+from fedray.driver.grid import load_grid
 from fedray.driver.lifecycle import run, run_or_resume
 from fedray.driver.storage import RemoteRunDir
+from fedray.driver.sweep import sweep
 from fedray.methods import method_from_state
 from tests.test_reliability import REPO, RUN_TIMEOUT_S, TINY, _cli, _history, stop_after_checkpoint
+from tests.test_sweep import _tiny_grid
 
 
 def _ending(run_dir):
@@ -188,3 +192,23 @@ def test_a_missing_filesystem_is_one_error_naming_the_extra():
         pytest.skip("gcsfs is installed here")
     with pytest.raises(ValueError, match=re.escape("pip install 'fedray[gcs]'")):
         RemoteRunDir("gs://bucket/run")
+
+
+def test_a_sweep_on_s3_keeps_its_record_there_and_goes_on_from_it(ray_session, tmp_path, tracking_uri, s3_server):
+    fs = s3_server
+    grid_file = _tiny_grid(tmp_path, "s3-sweep")
+    grid = yaml.safe_load(grid_file.read_text())
+    grid_file.write_text(yaml.safe_dump(grid | {"seeds": [0]}))
+    uri = "s3://fedray-test/sweeps/tiny"
+    summary = sweep(load_grid(grid_file), sweep_dir=uri, tracking_uri=tracking_uri)
+    assert str(summary.sweep_dir) == uri and len(summary.results) == 2
+    fs.invalidate_cache()
+    lines = fs.cat_file("fedray-test/sweeps/tiny/results.jsonl").decode().splitlines()
+    assert sorted(json.loads(line)["cell"] for line in lines) == sorted(summary.results)
+    for cell in summary.results:
+        assert fs.exists(f"fedray-test/sweeps/tiny/cells/{cell}/adapter/adapter_model.safetensors")
+        assert fs.glob(f"fedray-test/sweeps/tiny/cells/{cell}/checkpoint/round-*.json")
+    # Another machine (its staging folder gone) goes on from the record on the store: nothing left to run.
+    shutil.rmtree(RemoteRunDir(uri).local)
+    again = sweep(load_grid(grid_file), sweep_dir=uri)
+    assert again.results == summary.results

@@ -1,4 +1,4 @@
-"""Run directories on object storage (``s3://``, ``gs://``, any fsspec URI).
+"""Run directories (and sweep folders) on object storage (``s3://``, ``gs://``, any fsspec URI).
 
 The driver works in a local staging folder exactly as it does for a local run directory,
 and copies the run up as it goes: at the start its spec and partition, after each round
@@ -51,6 +51,10 @@ class RemoteRunDir:
     def __str__(self) -> str:
         return self.uri
 
+    def child(self, relative: str) -> RemoteRunDir:
+        """The remote folder ``relative`` inside this one (a sweep's cell)."""
+        return RemoteRunDir(f"{self.uri}/{relative}", self.local.parent)
+
     @property
     def name(self) -> str:
         return self.uri.rsplit("/", 1)[-1]
@@ -94,7 +98,22 @@ class RemoteRunDir:
         (folder / LATEST).write_text(json.dumps(manifest, indent=1))
         return self.local
 
+    def stage_files(self, names: list[str]) -> Path:
+        """A fresh staging folder holding those of ``names`` that exist remotely (a sweep's own files)."""
+        self._fresh_local()
+        self.fs.invalidate_cache()
+        for name in names:
+            if self.fs.exists(f"{self.root}/{name}"):
+                self.fs.get_file(f"{self.root}/{name}", str(self.local / name))
+        return self.local
+
     # ------------------------------------------------------------------ writes
+
+    def clear(self) -> None:
+        """Delete the remote folder (a run cut off before its first checkpoint, started over)."""
+        self.fs.invalidate_cache()
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
 
     def stage_new(self) -> Path:
         """An empty staging folder for a run that starts."""
@@ -103,7 +122,7 @@ class RemoteRunDir:
 
     def upload_start(self) -> None:
         for name in START_FILES:
-            self._put(name)
+            self.put(name)
 
     def upload_round(self, round_index: int) -> None:
         """Round ``round_index``'s checkpoint objects, then its manifest, then ``metrics.jsonl``;
@@ -112,9 +131,9 @@ class RemoteRunDir:
         manifest = json.loads((local / LATEST).read_text())
         assert manifest["round"] == round_index, (manifest["round"], round_index)
         for name in _objects(manifest):
-            self._put(f"{CHECKPOINT_DIR}/{name}")
+            self.put(f"{CHECKPOINT_DIR}/{name}")
         self.fs.pipe_file(f"{self.root}/{CHECKPOINT_DIR}/{_manifest_name(round_index)}", json.dumps(manifest).encode())
-        self._put("metrics.jsonl")
+        self.put("metrics.jsonl")
         for path in self.fs.glob(f"{self.root}/{CHECKPOINT_DIR}/round-*.json"):
             old_round = int(path.rsplit("/", 1)[-1].removeprefix("round-").removesuffix(".json"))
             if old_round <= round_index - KEEP_ROUNDS:
@@ -128,11 +147,12 @@ class RemoteRunDir:
         for path in sorted(self.local.rglob("*")):
             relative = path.relative_to(self.local).as_posix()
             if path.is_file() and not relative.startswith(f"{CHECKPOINT_DIR}/"):
-                self._put(relative)
+                self.put(relative)
 
     # --------------------------------------------------------------- internals
 
-    def _put(self, relative: str) -> None:
+    def put(self, relative: str) -> None:
+        """Copy the staged file ``relative`` up, if it exists."""
         source = self.local / relative
         if source.exists():
             self.fs.put_file(str(source), f"{self.root}/{relative}")

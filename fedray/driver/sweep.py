@@ -36,6 +36,7 @@ from fedray.driver.cluster import check_services, connect_ray
 from fedray.driver.grid import Cell, Grid, grid_digest
 from fedray.driver.lifecycle import resume, run
 from fedray.driver.outputs import METRICS_FILE
+from fedray.driver.storage import RemoteRunDir, is_remote
 from fedray.tracking.comparison import comparison_table
 from fedray.tracking.names import EVAL_METRICS
 from fedray.tracking.stats import curve_scores
@@ -59,7 +60,8 @@ PARENT_TAG = "mlflow.parentRunId"
 class SweepSummary:
     """What a finished sweep leaves behind."""
 
-    sweep_dir: Path
+    #: The sweep folder, or the remote one (its URI when printed).
+    sweep_dir: Path | RemoteRunDir
     tracking_uri: str
     parent_run_id: str
     #: Cell id -> its record (the line of ``results.jsonl``).
@@ -81,8 +83,15 @@ def sweep(
     console = console or Console(stderr=True, soft_wrap=True)
     if max_concurrent is not None and max_concurrent < 1:
         raise SpecError(f"--max-concurrent must be at least 1, got {max_concurrent}")
-    runs_root = DEFAULT_RUNS_ROOT if sweep_dir is None else Path(sweep_dir).parent
-    sweep_dir = Path(sweep_dir) if sweep_dir is not None else DEFAULT_RUNS_ROOT / SWEEPS_DIR / grid.name
+    remote = None
+    if sweep_dir is not None and is_remote(sweep_dir):
+        # Staged like a remote run directory; each cell is a remote run directory of its own.
+        remote = RemoteRunDir(str(sweep_dir))
+        runs_root = DEFAULT_RUNS_ROOT
+        sweep_dir = remote.stage_files([SWEEP_FILE, RESULTS_FILE])
+    else:
+        runs_root = DEFAULT_RUNS_ROOT if sweep_dir is None else Path(sweep_dir).parent
+        sweep_dir = Path(sweep_dir) if sweep_dir is not None else DEFAULT_RUNS_ROOT / SWEEPS_DIR / grid.name
     for cell_id in again:
         grid.cell(cell_id)  # one clear error for a name the grid does not have
     state = _read_state(sweep_dir, grid)
@@ -100,17 +109,23 @@ def sweep(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not state:
         state = _start_state(sweep_dir, grid, tracking_uri, runs_root)
+        if remote is not None:
+            remote.put(SWEEP_FILE)
     client = MlflowClient(tracking_uri)
     client.update_run(state["parent_run_id"], status="RUNNING")
     for cell_id in again:
-        _forget(sweep_dir, client, state["parent_run_id"], cell_id)
+        _forget(sweep_dir, client, state["parent_run_id"], cell_id, remote)
         results.pop(cell_id, None)
     _write_results(sweep_dir / RESULTS_FILE, results)  # drops a torn last line too
+    if remote is not None:
+        remote.put(RESULTS_FILE)
     console.print(f"sweep {grid.name}: {len(grid.cells) - len(todo)} of {len(grid.cells)} cells done, "
                   f"{len(todo)} to run; MLflow parent run {state['parent_run_id']} in {sweep_dir}")  # fmt: skip
     status = "FAILED"
     try:
-        _run_cells(todo, grid, sweep_dir, tracking_uri, state["parent_run_id"], max_concurrent, results, console)
+        _run_cells(
+            todo, grid, sweep_dir, tracking_uri, state["parent_run_id"], max_concurrent, results, console, remote
+        )
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -121,8 +136,10 @@ def sweep(
         (results[cell.id] for cell in grid.cells), variants=grid.variants, reference=grid.reference
     )
     (sweep_dir / SUMMARY_FILE).write_text(f"# Sweep {grid.name}\n\n{table}\n")
+    if remote is not None:
+        remote.put(SUMMARY_FILE)
     Tracker(tracking_uri, state["parent_run_id"]).log_artifact(sweep_dir / SUMMARY_FILE)
-    return SweepSummary(sweep_dir, tracking_uri, state["parent_run_id"], results, table)
+    return SweepSummary(remote or sweep_dir, tracking_uri, state["parent_run_id"], results, table)
 
 
 def _run_cells(
@@ -134,6 +151,7 @@ def _run_cells(
     max_concurrent: int | None,
     results: dict[str, dict[str, Any]],
     console: Console,
+    remote: RemoteRunDir | None = None,
 ) -> None:
     waiting = list(todo)
     running: dict[Future, Cell] = {}
@@ -143,10 +161,10 @@ def _run_cells(
         while waiting or running:
             while waiting and failure is None and len(running) < _capacity(waiting[0], max_concurrent):
                 cell = waiting.pop(0)
-                running[pool.submit(_run_cell, cell, grid, sweep_dir, tracking_uri, parent_run_id)] = cell
+                running[pool.submit(_run_cell, cell, grid, sweep_dir, tracking_uri, parent_run_id, remote)] = cell
             if not running:
                 break
-            console.print(_status_line(grid, results, running.values(), sweep_dir), markup=False)
+            console.print(_status_line(grid, results, running.values(), sweep_dir, remote), markup=False)
             done, _ = wait(running, timeout=STATUS_EVERY_S, return_when=FIRST_COMPLETED)
             for future in done:
                 cell = running.pop(future)
@@ -159,6 +177,8 @@ def _run_cells(
                 results[cell.id] = record
                 with (sweep_dir / RESULTS_FILE).open("a") as out:
                     out.write(json.dumps(record) + "\n")
+                if remote is not None:
+                    remote.put(RESULTS_FILE)
                 console.print(f"sweep: {cell.id}: final {record['metric']} {record['final']:.4f}", markup=False)
     finally:
         # Interrupted, do not wait for the cells in flight (hours): they resume from their
@@ -176,18 +196,28 @@ def _capacity(cell: Cell, max_concurrent: int | None) -> int:
     return held if max_concurrent is None else min(held, max_concurrent)
 
 
-def _run_cell(cell: Cell, grid: Grid, sweep_dir: Path, tracking_uri: str, parent_run_id: str) -> dict[str, Any]:
+def _run_cell(
+    cell: Cell, grid: Grid, sweep_dir: Path, tracking_uri: str, parent_run_id: str, remote: RemoteRunDir | None
+) -> dict[str, Any]:
     """Run (or resume) one cell; its record."""
-    run_dir = sweep_dir / CELLS_DIR / cell.id
-    if (run_dir / CHECKPOINT_DIR / LATEST).is_file():
-        resume(run_dir, progress=False)
+    if remote is None:
+        run_dir = location = sweep_dir / CELLS_DIR / cell.id
+        checkpointed = (run_dir / CHECKPOINT_DIR / LATEST).is_file()
+    else:
+        cell_remote = remote.child(f"{CELLS_DIR}/{cell.id}")
+        location, run_dir = cell_remote.uri, cell_remote.local
+        checkpointed = cell_remote.newest_manifest() is not None
+    if checkpointed:
+        resume(location, progress=False)
     else:
         # Cut off before its first checkpoint: start over, without a second MLflow run.
         _delete_child_runs(MlflowClient(tracking_uri), parent_run_id, cell.id)
         shutil.rmtree(run_dir, ignore_errors=True)
+        if remote is not None:
+            cell_remote.clear()
         tags = {PARENT_TAG: parent_run_id, "sweep": grid.name, "cell": cell.id, "variant": cell.variant}
         tags |= {f"axis.{key}": json.dumps(value) for key, value in cell.axes.items()}
-        run(cell.spec, run_dir=run_dir, tracking_uri=tracking_uri, progress=False, run_name=cell.id, tags=tags)
+        run(cell.spec, run_dir=location, tracking_uri=tracking_uri, progress=False, run_name=cell.id, tags=tags)
     return cell_record(cell, run_dir)
 
 
@@ -218,10 +248,11 @@ def cell_record(cell: Cell, run_dir: Path) -> dict[str, Any]:
     return record
 
 
-def _status_line(grid: Grid, results: dict, running, sweep_dir: Path) -> str:
+def _status_line(grid: Grid, results: dict, running, sweep_dir: Path, remote: RemoteRunDir | None) -> str:
     in_flight = []
     for cell in running:
-        metrics = sweep_dir / CELLS_DIR / cell.id / METRICS_FILE
+        folder = sweep_dir / CELLS_DIR / cell.id if remote is None else remote.child(f"{CELLS_DIR}/{cell.id}").local
+        metrics = folder / METRICS_FILE
         done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
         in_flight.append(f"{cell.id} round {done}/{cell.spec.rounds}")
     left = len(grid.cells) - len(results) - len(in_flight)
@@ -294,9 +325,13 @@ def _write_results(path: Path, results: dict[str, dict[str, Any]]) -> None:
     atomic_write(path, lambda partial: partial.write_text(text))
 
 
-def _forget(sweep_dir: Path, client: MlflowClient, parent_run_id: str, cell_id: str) -> None:
+def _forget(
+    sweep_dir: Path, client: MlflowClient, parent_run_id: str, cell_id: str, remote: RemoteRunDir | None
+) -> None:
     """Drop a cell's run directory and MLflow runs, so that it runs afresh (``--again``)."""
     shutil.rmtree(sweep_dir / CELLS_DIR / cell_id, ignore_errors=True)
+    if remote is not None:
+        remote.child(f"{CELLS_DIR}/{cell_id}").clear()
     _delete_child_runs(client, parent_run_id, cell_id, finished_too=True)
 
 
