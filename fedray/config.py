@@ -268,9 +268,10 @@ class Spec(_Strict):
             return max(1, round(self.clients_per_round * self.num_clients))
         return self.clients_per_round
 
-    def digest(self) -> str:
-        """A hash of the whole spec, to recognise the run a checkpoint belongs to."""
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+    def digest(self, ignore: tuple[str, ...] = ()) -> str:
+        """A hash of the spec (but its top-level fields ``ignore``), to recognise the run a checkpoint belongs to."""
+        fields = self.model_dump(exclude=set(ignore))
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:
         """The spec as ``{dotted.key: value}`` (for MLflow params)."""

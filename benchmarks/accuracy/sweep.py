@@ -425,8 +425,7 @@ def interval_tables(results: dict[str, dict], *, reference: str = "fedit-r16") -
     evaluation set as the floor."""
     from fedray import inputs
     from fedray.config import load_spec
-    from fedray.tracking.comparison import comparison_table
-    from fedray.tracking.stats import curve_scores
+    from fedray.tracking.comparison import comparison_table, score_record
 
     records = []
     for cell in all_cells():
@@ -434,19 +433,9 @@ def interval_tables(results: dict[str, dict], *, reference: str = "fedit-r16") -
             continue
         spec = load_spec(SETTING_FILE, cell.spec_overrides())
         eval_set = inputs.eval_set(spec, inputs.dataset_split(spec))
-        scores = curve_scores([value for _, value in results[cell.id]["curve"]])
-        records.append(
-            {
-                "setting": cell.setting,
-                "variant": cell.variant,
-                "seed": cell.seed,
-                "metric": "eval_accuracy",
-                "final": scores.final,
-                "best": scores.best,
-                "last_mean": scores.last_mean,
-                "majority_rate": eval_set.majority_share(),
-            }
-        )
+        curve = [value for _, value in results[cell.id]["curve"]]
+        majority = eval_set.majority_share()
+        records.append(score_record(cell.setting, cell.variant, cell.seed, "eval_accuracy", curve, majority))
     return comparison_table(records, variants=tuple(VARIANTS), reference=reference)
 
 

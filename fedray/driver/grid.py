@@ -64,8 +64,9 @@ class Cell:
         return f"{self.setting}/{self.variant}/s{self.seed}"
 
     def digest(self) -> str:
-        """What the cell runs: a changed digest means a changed grid."""
-        return self.spec.digest()
+        """What the cell computes: a changed digest means a changed grid. The resources its
+        clients ask for are left out: a later sitting on a bigger machine computes the same."""
+        return self.spec.digest(ignore=("resources",))
 
 
 @dataclass(frozen=True)

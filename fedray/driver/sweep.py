@@ -37,9 +37,8 @@ from fedray.driver.grid import Cell, Grid, grid_digest
 from fedray.driver.lifecycle import resume, run
 from fedray.driver.outputs import METRICS_FILE
 from fedray.driver.storage import RemoteRunDir, is_remote
-from fedray.tracking.comparison import comparison_table
+from fedray.tracking.comparison import comparison_table, score_record
 from fedray.tracking.names import EVAL_METRICS
-from fedray.tracking.stats import curve_scores
 from fedray.tracking.store import DEFAULT_RUNS_ROOT, Tracker, default_tracking_uri
 
 SWEEP_FILE = "sweep.json"
@@ -228,24 +227,17 @@ def cell_record(cell: Cell, run_dir: Path) -> dict[str, Any]:
     eval_set = inputs.eval_set(cell.spec, split)
     metric = EVAL_METRICS[split.train.task]
     curve = [[record["round"] + 1, record[metric]] for record in rounds if metric in record]
-    scores = curve_scores([value for _, value in curve])
-    record = {
-        "cell": cell.id,
-        "setting": cell.setting,
-        "axes": dict(cell.axes),
-        "variant": cell.variant,
-        "seed": cell.seed,
-        "metric": metric,
-        "final": scores.final,
-        "best": scores.best,
-        "last_mean": scores.last_mean,
-        "curve": curve,
-        "run_id": json.loads((run_dir / CHECKPOINT_DIR / LATEST).read_text())["run_id"],
-        "eval_examples": len(eval_set),
-    }
-    if split.train.task == "classification":
-        record["majority_rate"] = eval_set.majority_share()
-    return record
+    majority = eval_set.majority_share() if split.train.task == "classification" else None
+    scores = score_record(cell.setting, cell.variant, cell.seed, metric, [value for _, value in curve], majority)
+    return (
+        {"cell": cell.id, "axes": dict(cell.axes)}
+        | scores
+        | {
+            "curve": curve,
+            "run_id": json.loads((run_dir / CHECKPOINT_DIR / LATEST).read_text())["run_id"],
+            "eval_examples": len(eval_set),
+        }
+    )
 
 
 def _status_line(grid: Grid, results: dict, running, sweep_dir: Path, remote: RemoteRunDir | None) -> str:

@@ -17,6 +17,18 @@ SCORES = ("final", "best", "last_mean")
 SCORE_TITLES = {"final": "final", "best": "best over rounds", "last_mean": f"mean of last {LAST_EVALUATIONS}"}
 
 
+def score_record(
+    setting: str, variant: str, seed: int, metric: str, curve: Sequence[float], majority_rate: float | None = None
+) -> dict[str, Any]:
+    """One run's record for ``comparison_table``: its scores of the evaluation ``curve``."""
+    scores = curve_scores(list(curve))
+    record = {"setting": setting, "variant": variant, "seed": seed, "metric": metric}
+    record |= {"final": scores.final, "best": scores.best, "last_mean": scores.last_mean}
+    if majority_rate is not None:
+        record["majority_rate"] = majority_rate
+    return record
+
+
 def comparison_table(
     records: Iterable[Mapping[str, Any]], *, variants: Sequence[str], reference: str | None = None
 ) -> str:
@@ -78,11 +90,7 @@ def history_records(runs: pd.DataFrame, history: pd.DataFrame, metric: str, majo
         curve = mine[mine.metric == metric].sort_values("step").value.tolist()
         if not curve:
             continue
-        scores = curve_scores(curve)
-        record = {"setting": run.partition, "variant": run.method, "seed": run.seed, "metric": metric}
-        record |= {"final": scores.final, "best": scores.best, "last_mean": scores.last_mean}
         majority = mine[mine.metric == majority_metric].value
-        if len(majority):
-            record["majority_rate"] = float(majority.iloc[-1])
-        records.append(record)
+        rate = float(majority.iloc[-1]) if len(majority) else None
+        records.append(score_record(run.partition, run.method, run.seed, metric, curve, rate))
     return records
