@@ -25,6 +25,8 @@ from fedray.ranks import ResourceTier, check_rank_split
 #: hidden states, ``auto`` what the model was trained with (its sentence-transformers
 #: pooling config when it ships one, else ``cls``).
 Pooling = Literal["auto", "cls", "mean"]
+#: The dtype the frozen base is held in; LoRA factors stay float32 whatever it is.
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 #: What a dataset asks of the model: a label per text, or a continuation of a prompt.
 Task = Literal["classification", "generation"]
 TASKS: tuple[Task, ...] = get_args(Task)
@@ -55,6 +57,9 @@ class TrainSpec(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm; null for none")
     max_seq_len: int = Field(64, ge=8, description="tokens per example after truncation")
     train_head: bool = Field(True, description="train the task head too (averaged by data size)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, about a third more compute"
+    )
     head_rounds: int | None = Field(
         None, ge=1, description="train the head in the first this many rounds only, then keep it; null: every round"
     )
@@ -196,6 +201,9 @@ class Spec(_Strict):
     )
 
     model: str = Field("minilm", description="model registry name, local folder or hub id")
+    model_dtype: ModelDtype = Field(
+        "auto", description="dtype of the frozen base: auto (as stored), float32, bfloat16, float16"
+    )
     target_modules: list[str] | None = Field(None, description="LoRA targets; default per architecture")
     pooling: Pooling = Field("auto", description="classification head input: cls, mean, or auto (the model's own)")
 

@@ -37,6 +37,7 @@ def model_spec(spec: Spec, split: DatasetSplit) -> ModelSpec:
         target_modules=tuple(spec.target_modules) if spec.target_modules else None,
         seed=spec.seed,
         pooling=spec.pooling,
+        dtype=spec.model_dtype,
     )
 
 

@@ -81,3 +81,9 @@ def test_logit_adjustment_on_a_generation_task_is_refused_before_the_model_loads
     spec = load_spec(None, ["dataset=bbc_titles", "model=smollm2-135m", "train.logit_adjust=1.0"])
     with pytest.raises(ValueError, match=re.escape("train.logit_adjust=1.0 applies to classification")):
         prepare(spec)
+
+
+def test_a_bad_model_dtype_is_one_clear_error():
+    with pytest.raises(SpecError, match="invalid spec field 'model_dtype' = 'float64': Input should be 'auto'"):
+        load_spec(None, ["model_dtype=float64"])
+    assert load_spec(None, ["model_dtype=bfloat16", "train.gradient_checkpointing=true"]).model_dtype == "bfloat16"

@@ -238,3 +238,34 @@ def test_head_stays_put_in_a_round_that_does_not_train_it(bench, split):
         train_head=False,
     )
     assert result.head is None
+
+
+def test_gradient_checkpointing_trains_the_same_client_without_writing_the_base(bench, shared, split):
+    before = _digest(shared)
+    shard = split.train.subset(np.arange(32))
+    results = []
+    for checkpointing in (False, True):
+        spec = _spec(local_steps=2, gradient_checkpointing=checkpointing)
+        method = create_method("fedplora", bench.layers, 4, scale=SCALE, seed=0)
+        results.append(bench.train(method.client_init(0, 2), shard, spec.train, head=head_state(bench.model), seed=4))
+    plain, checkpointed = results
+    assert abs(plain.metrics["train_loss"] - checkpointed.metrics["train_loss"]) <= 1e-5
+    for layer in bench.layers:
+        assert torch.allclose(plain.update.B[layer], checkpointed.update.B[layer], atol=1e-5)
+    on = getattr(bench.model, "is_activation_checkpointing", None)
+    assert not (bench.model.is_gradient_checkpointing if on is None else on)  # off again for the next client
+    assert _digest(shared) == before
+
+
+def test_a_bfloat16_base_trains_float32_factors():
+    base = load_base(ModelSpec("minilm", "classification", num_labels=2, seed=0, dtype="bfloat16"))
+    assert next(base.model.bert.parameters()).dtype == torch.bfloat16
+    bench = Workbench(export_base(base))
+    spec = _spec(local_steps=1)
+    method = create_method("fedit", bench.layers, 2, scale=SCALE, seed=0)
+    shard = load_dataset("rotten_tomatoes", split_seed=0).train.subset(np.arange(8))
+    result = bench.train(method.client_init(0, 2), shard, spec.train, seed=0)
+    assert all(B.dtype == torch.float32 for B in result.update.B.values())
+    assert np.isfinite(result.metrics["train_loss"])
+    with pytest.raises(ValueError, match="dtype 'float64' is unknown"):
+        ModelSpec("minilm", "classification", num_labels=2, dtype="float64")

@@ -54,16 +54,23 @@ def memory_model(spec: Spec, base: Base) -> MemoryModel:
     weights = list(model.parameters())
     states = 2 if spec.train.optimizer == "adamw" else int(spec.train.momentum > 0)
     head_values = sum(weight.numel() for weight in head_state(model).values()) if spec.train.train_head else 0
+    layers = model.config.num_hidden_layers
+    per_layer = MemoryModel.activation_values_per_token_per_layer
+    if spec.train.gradient_checkpointing:
+        # Each layer keeps only its input (one value per hidden unit); one layer at a time
+        # holds its full activations while it is recomputed. Not yet checked against a measurement.
+        per_layer = 1.0 + per_layer / layers
     return MemoryModel(
         base_param_count=sum(weight.numel() for weight in weights),
         shapes_per_layer=target_layers(model, base.target_modules),
         batch_size=spec.train.batch_size,
         seq_len=spec.train.max_seq_len,
         hidden_size=model.config.hidden_size,
-        num_layers=model.config.num_hidden_layers,
+        num_layers=layers,
         base_bytes_per_param=weights[0].element_size(),
         trainable_bytes_per_param=TRAINABLE_BYTES,
         optimizer_states=states,
+        activation_values_per_token_per_layer=per_layer,
         overhead_bytes=head_values * TRAINABLE_BYTES * (2 + states),
     )
 

@@ -26,13 +26,14 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from fedray.config import TASKS, Pooling, Task
+from fedray.config import TASKS, ModelDtype, Pooling, Task
 from fedray.hub import hub_offline, hub_reachable
 from fedray.models.gguf import _converted_gguf
 from fedray.models.pooling import MeanPoolingBertForSequenceClassification
 from fedray.models.targets import default_target_modules, target_layers
 
 POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
+DTYPES: tuple[ModelDtype, ...] = get_args(ModelDtype)
 #: The sentence-transformers file that says how a sentence encoder pools its tokens.
 SENTENCE_POOLING_CONFIG = "1_Pooling/config.json"
 
@@ -89,6 +90,8 @@ class ModelSpec:
     seed: int = 0
     #: How the classification head reads the encoder (``POOLINGS``); unused for generation.
     pooling: Pooling = "auto"
+    #: The dtype to hold the weights in: ``auto`` keeps the checkpoint's (``DTYPES``).
+    dtype: ModelDtype = "auto"
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -99,6 +102,8 @@ class ModelSpec:
             raise ValueError(f"num_labels={self.num_labels} is invalid for classification; set it to 2 or more.")
         if self.task == "generation" and self.num_labels is not None:
             raise ValueError(f"num_labels={self.num_labels} applies only to classification; leave it unset.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is unknown; set it to one of {', '.join(DTYPES)}.")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling {self.pooling!r} is unknown; set it to one of {', '.join(POOLINGS)}.")
         if self.target_modules is not None:
@@ -201,7 +206,8 @@ def load_base(spec: ModelSpec, cache_dir: str | Path | None = None) -> Base:
         model_class = MeanPoolingBertForSequenceClassification
     with _LOAD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = _from_pretrained(model_class, source, **head_kwargs)
+        dtype_kwargs = {} if spec.dtype == "auto" else {"dtype": getattr(torch, spec.dtype)}
+        model = _from_pretrained(model_class, source, **head_kwargs, **dtype_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         # Batches are padded; decoder-only tokenizers often ship without a pad token.

@@ -81,7 +81,10 @@ class Workbench:
             if self.task != "classification":
                 raise ValueError("train.logit_adjust applies to classification; set it to 0 for generation tasks")
             log_shares = training.label_log_shares(shard.labels, self.model.config.num_labels)
-        with self.client_model(init, head, train_head=train_head) as (peft_model, lora, head_params):
+        with (
+            self._checkpointing(settings.gradient_checkpointing),
+            self.client_model(init, head, train_head=train_head) as (peft_model, lora, head_params),
+        ):
             factors = [p for pair in lora.values() for p in pair]
             trainable = factors + list(head_params.values())
             optimizer = training.optimizer(settings, factors, list(head_params.values()))
@@ -183,6 +186,32 @@ class Workbench:
             yield peft_model, lora, self._head_params(enable=train_head)
 
     # ---------------------------------------------------------------- internals
+
+    @contextmanager
+    def _checkpointing(self, enable: bool) -> Iterator[None]:
+        """Activation checkpointing for the length of the block (a client's training), if ``enable``.
+
+        Non-reentrant, so gradients reach the LoRA factors although the frozen inputs need none.
+        """
+        if not enable:
+            yield
+            return
+        if not self.model.supports_gradient_checkpointing:
+            raise ValueError(
+                f"{type(self.model).__name__} does not support gradient checkpointing; "
+                "set train.gradient_checkpointing=false"
+            )
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers 5 renamed it
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            disable = self.model.activation_checkpointing_disable
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            disable = self.model.gradient_checkpointing_disable
+        try:
+            yield
+        finally:
+            disable()
 
     @contextmanager
     def _lora(self, ranks: Mapping[str, int], scale: float) -> Iterator[torch.nn.Module]:
