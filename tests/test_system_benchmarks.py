@@ -116,3 +116,22 @@ def test_overhead_compares_the_same_work(tmp_path):
     assert results["ratio_per_pair"] == [pytest.approx(fedray_s / bare_s)]
     assert results["ratio_wall"] == pytest.approx(fedray_s / bare_s)
     assert results["ratio_wall"] > 0 and results["target_ratio"] == 1.1
+
+
+def test_gpu_check_runs_its_smoke_mode_on_the_cpu(tmp_path):
+    """The GPU check's two steps end to end on the CPU: the bundle (without the wheels this
+    machine does not need) and a tiny run that agrees with itself."""
+    script = REPO / "benchmarks" / "gpu" / "check.py"
+    bundle, out = tmp_path / "bundle", tmp_path / "out"
+    for step in (["prepare", "--bundle", str(bundle), "--no-wheels"],
+                 ["run", "--bundle", str(bundle), "--out", str(out), "--smoke", "--device", "cpu"]):  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, str(script), *step], cwd=REPO, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sum(path.stat().st_size for path in bundle.rglob("*")) < 60 * 2**20  # fits the GPU machine's carry
+    results = json.loads((out / "results.json").read_text())
+    assert results["quickstart"]["losses_agree"] and results["quickstart"]["loss_gap_max"] == 0.0
+    assert len(results["shared"]["per_process"]) == 2
+    assert [row["checkpointing"] for row in results["billion"]] == [False, True]
+    assert "| client | loss (device) |" in (out / "results.md").read_text()
