@@ -149,7 +149,8 @@ def s3_server():
 
 def test_a_run_on_s3_killed_and_resumed_ends_like_a_local_run(ray_session, tmp_path, tracking_uri, s3_server):
     """SIGKILL after a round, the local staging folder lost too (a new head node), a
-    half-uploaded round (objects, no manifest) on the store: the resume ignores it."""
+    half-uploaded round (objects, no manifest) on the store; the job submitted again with
+    --resume-if-exists ignores the half round and ends where an uninterrupted run ends."""
     fs = s3_server
     overrides = [*TINY, "rounds=3", "method=fedplora", "name=s3-run"]
     whole = tmp_path / "whole"
@@ -170,7 +171,10 @@ def test_a_run_on_s3_killed_and_resumed_ends_like_a_local_run(ray_session, tmp_p
     done = RemoteRunDir(uri).newest_manifest()["round"]
     assert done < 2, "the kill came after the last round"
     fs.pipe_file(f"fedray-test/runs/killed/checkpoint/round-{done + 1:06d}.method.safetensors", b"half-written")
-    resumed = subprocess.run(_cli("--resume", uri), cwd=REPO, timeout=RUN_TIMEOUT_S, capture_output=True, text=True)
+    # The job submitted again, as on a new head node: the same command with --resume-if-exists.
+    resumed = subprocess.run(
+        [*command, "--resume-if-exists"], cwd=REPO, timeout=RUN_TIMEOUT_S, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     local = tmp_path / "downloaded"

@@ -172,7 +172,8 @@ def run_or_resume(spec: Spec, run_dir: str | Path, **options) -> RunSummary:
     tracking_uri = options.pop("tracking_uri", None)
     if tracking_uri is not None and tracking_uri != saved["tracking_uri"]:
         raise SpecError(f"{run_dir} logs to {saved['tracking_uri']}, not {tracking_uri}; drop --tracking-uri")
-    options.pop("run_name", None), options.pop("tags", None)
+    for naming in ("run_name", "tags"):  # the resumed run keeps its MLflow name and tags
+        options.pop(naming, None)
     return resume(run_dir, **options)
 
 
