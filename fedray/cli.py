@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from fedray.config import SpecError, load_spec
@@ -52,11 +53,24 @@ def main(argv: list[str] | None = None) -> int:
     report_parser.add_argument("--out", help="output directory (default reports/<experiment>/)")
     report_parser.add_argument("--reference", help="the variant paired differences are taken against")
     args = parser.parse_args(argv)
+    # A stop request (a spot instance's notice, `kill`, `ray job stop`) ends a run or sweep
+    # as Ctrl-C does: the MLflow runs are marked KILLED and the checkpoints stay valid.
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        return _command(args, parser)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "report":
         return _report(args.experiment, args.tracking_uri, args.out, args.reference)
     if args.command == "sweep":
         return _sweep(args)
-
     return _run(args, parser)
 
 

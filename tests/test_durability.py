@@ -29,7 +29,7 @@ from fedray.driver.lifecycle import run, run_or_resume
 from fedray.driver.storage import RemoteRunDir
 from fedray.driver.sweep import sweep
 from fedray.methods import method_from_state
-from tests.test_reliability import REPO, RUN_TIMEOUT_S, TINY, _cli, _history, stop_after_checkpoint
+from tests.test_reliability import REPO, RUN_TIMEOUT_S, TINY, _cli, _history, _wait_for_round, stop_after_checkpoint
 from tests.test_sweep import _tiny_grid
 
 
@@ -216,3 +216,18 @@ def test_a_sweep_on_s3_keeps_its_record_there_and_goes_on_from_it(ray_session, t
     shutil.rmtree(RemoteRunDir(uri).local)
     again = sweep(load_grid(grid_file), sweep_dir=uri)
     assert again.results == summary.results
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, tracking_uri):
+    """A spot instance's stop notice (SIGTERM): the run is marked KILLED, its checkpoint stays valid."""
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "rounds=3", "name=sigterm"]
+    command = _cli("jobs/quickstart.yaml", *overrides, "--run-dir", str(run_dir), "--tracking-uri", tracking_uri)
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    _wait_for_round(run_dir, 0, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "continue with `fedray run --resume" in stderr
+    checkpoint = read_checkpoint(run_dir)
+    assert MlflowClient(tracking_uri).get_run(checkpoint.info["run_id"]).info.status == "KILLED"

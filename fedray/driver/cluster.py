@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 
 import ray
 
@@ -36,6 +38,7 @@ def connect_ray(address: str | None, spec: Spec) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         try:
             ray.init(address=address, log_to_driver=False)
@@ -43,6 +46,7 @@ def connect_ray(address: str | None, spec: Spec) -> None:
             raise ConnectionError(
                 f"cannot join the Ray cluster at {address!r} ({str(error).splitlines()[0]}); {_JOIN_HINT}"
             ) from None
+        _restore_sigterm(on_sigterm)
         return
     cores = os.cpu_count() or 1
     ray.init(
@@ -56,6 +60,7 @@ def connect_ray(address: str | None, spec: Spec) -> None:
         # process and a base build the next round: keep one worker per task that fits.
         _system_config={"num_workers_soft_limit": max(cores, math.ceil(cores / spec.resources.num_cpus))},
     )
+    _restore_sigterm(on_sigterm)
     available = ray.cluster_resources()
     for resource, wanted in (("CPU", spec.resources.num_cpus), ("GPU", spec.resources.num_gpus)):
         if wanted > available.get(resource, 0):
@@ -74,3 +79,10 @@ def _check_reachable(address: str) -> None:
         socket.create_connection((host, int(port)), timeout=ADDRESS_CHECK_TIMEOUT_S).close()
     except OSError as error:
         raise ConnectionError(f"cannot join the Ray cluster at {address!r} ({error}); {_JOIN_HINT}") from None
+
+
+def _restore_sigterm(handler) -> None:
+    """Give SIGTERM back to the Python ``handler`` it had before ``ray.init`` (``fedray``'s CLI
+    turns it into a Ctrl-C), which Ray replaces with one that exits at once."""
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)

@@ -118,8 +118,9 @@ def sweep(
     _write_results(sweep_dir / RESULTS_FILE, results)  # drops a torn last line too
     if remote is not None:
         remote.put(RESULTS_FILE)
+    where = remote or sweep_dir
     console.print(f"sweep {grid.name}: {len(grid.cells) - len(todo)} of {len(grid.cells)} cells done, "
-                  f"{len(todo)} to run; MLflow parent run {state['parent_run_id']} in {sweep_dir}")  # fmt: skip
+                  f"{len(todo)} to run; MLflow parent run {state['parent_run_id']} in {where}")  # fmt: skip
     status = "FAILED"
     try:
         _run_cells(
