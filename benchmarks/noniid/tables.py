@@ -1,0 +1,77 @@
+"""The non-IID tables of RESULTS.md, from the sweeps' records in ``results/<grid>/results.jsonl``.
+
+    .venv/bin/python benchmarks/noniid/tables.py collect   # copy each sweep's record from runs/ into results/
+    .venv/bin/python benchmarks/noniid/tables.py           # print the tables (markdown)
+
+Per grid: the sweep statistics (``fedray.tracking.comparison``: mean and 95 % t-interval over
+seeds of the final, best and last-three-mean evaluation, paired differences to the grid's
+reference), then per variant the issue's two checks: the final accuracy's margin over the
+eval set's majority class (mean over seeds), and the largest range of the last four
+evaluations over the seeds (a curve that swings less than 0.05 has a range below 0.05).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fedray.driver.grid import load_grid
+from fedray.tracking.comparison import comparison_table
+
+HERE = Path(__file__).resolve().parent
+#: The recipe's grids, in the order RESULTS.md shows them.
+RECIPE_GRIDS = ("recipe-rt-dir0.1", "recipe-rt-movie")
+#: Evaluations whose range counts as the curve's late swing.
+LATE_EVALUATIONS = 4
+
+
+def collect() -> None:
+    """Copy each sweep's ``results.jsonl`` (and ``summary.md``) from ``runs/`` into ``results/``."""
+    for folder in sorted((HERE / "runs").glob("*/results.jsonl")):
+        target = HERE / "results" / folder.parent.name
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder, target / "results.jsonl")
+        if (folder.parent / "summary.md").is_file():
+            shutil.copy(folder.parent / "summary.md", target / "summary.md")
+        print(f"{folder.parent.name}: {len(folder.read_text().splitlines())} cells")
+
+
+def checks(records: list[dict], variants: tuple[str, ...]) -> list[str]:
+    """Markdown: per variant, margin over the majority class and the late swing."""
+    lines = ["| variant | seeds | final − majority (mean) | final (per seed) | largest range of the last 4 |",
+             "|---|---:|---:|---|---:|"]  # fmt: skip
+    for variant in variants:
+        mine = sorted((r for r in records if r["variant"] == variant), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        margins = [r["final"] - r["majority_rate"] for r in mine]
+        ranges = [max(v for _, v in r["curve"][-LATE_EVALUATIONS:]) - min(v for _, v in r["curve"][-LATE_EVALUATIONS:])
+                  for r in mine]  # fmt: skip
+        finals = ", ".join(f"{r['final']:.3f}" for r in mine)
+        lines.append(f"| {variant} | {len(mine)} | {np.mean(margins):+.3f} | {finals} | {max(ranges):.3f} |")
+    return lines
+
+
+def tables() -> str:
+    out = []
+    for name in RECIPE_GRIDS:
+        record_file = HERE / "results" / name / "results.jsonl"
+        if not record_file.is_file():
+            continue
+        grid = load_grid(HERE / "grids" / f"{name}.yaml")
+        records = [json.loads(line) for line in record_file.read_text().splitlines()]
+        out += [f"### {name} ({len(records)} of {len(grid.cells)} cells)", ""]
+        out += [comparison_table(records, variants=grid.variants, reference=grid.reference), ""]
+        out += [*checks(records, grid.variants), ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["collect"]:
+        collect()
+    else:
+        print(tables())
