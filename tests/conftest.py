@@ -51,3 +51,25 @@ def smollm2(smollm2_cache):
     from fedray.models import ModelSpec, load_base
 
     return load_base(ModelSpec(name="smollm2-135m", task="generation"), cache_dir=smollm2_cache)
+
+
+@pytest.fixture(scope="session")
+def reference_run(ray_session, tracking_uri, tmp_path_factory):
+    """``reference_run(method, rounds)``: the run directory of an uninterrupted tiny run
+    (``tests/test_reliability.TINY``), made once per session and shared by the tests that
+    compare an interrupted run against it."""
+    from fedray.config import load_spec
+    from fedray.driver.lifecycle import run
+    from tests.test_reliability import TINY
+
+    done = {}
+
+    def reference(method: str, rounds: int):
+        if (method, rounds) not in done:
+            run_dir = tmp_path_factory.mktemp(f"reference-{method}-{rounds}") / "run"
+            spec = load_spec("jobs/quickstart.yaml", [*TINY, f"rounds={rounds}", f"method={method}", "name=reference"])
+            run(spec, run_dir=run_dir, tracking_uri=tracking_uri, progress=False)
+            done[method, rounds] = run_dir
+        return done[method, rounds]
+
+    return reference

@@ -52,13 +52,12 @@ def _assert_identical(whole, other, tracking_uri, rounds_done: int):
 
 
 def test_a_killed_aggregation_actor_is_replaced_and_the_run_ends_identically(
-    ray_session, tmp_path, tracking_uri, monkeypatch
+    ray_session, tmp_path, tracking_uri, monkeypatch, reference_run
 ):
     """Killed twice: right after round 0's checkpoint (before the round is logged), and in
     round 1 after its clients were launched."""
     spec = load_spec("jobs/quickstart.yaml", [*TINY, "rounds=3", "method=fedplora", "name=actor-loss"])
-    whole, hit = tmp_path / "whole", tmp_path / "hit"
-    run(spec, run_dir=whole, tracking_uri=tracking_uri, progress=False)
+    whole, hit = reference_run("fedplora", 3), tmp_path / "hit"
 
     started, kills = [], []
     start_aggregator, write_checkpoint, run_clients = (
@@ -97,10 +96,9 @@ def test_a_killed_aggregation_actor_is_replaced_and_the_run_ends_identically(
     assert MlflowClient(tracking_uri).get_run(summary.run_id).info.status == "FINISHED"
 
 
-def test_a_resubmitted_job_continues_its_run(ray_session, tmp_path, tracking_uri, monkeypatch):
+def test_a_resubmitted_job_continues_its_run(ray_session, tmp_path, tracking_uri, monkeypatch, reference_run):
     spec = load_spec("jobs/quickstart.yaml", [*TINY, "rounds=2", "method=hlora", "name=resubmit"])
-    whole, job = tmp_path / "whole", tmp_path / "job"
-    run(spec, run_dir=whole, tracking_uri=tracking_uri, progress=False)
+    whole, job = reference_run("hlora", 2), tmp_path / "job"
 
     stop_after_checkpoint(monkeypatch)  # the head node went away right after round 0's checkpoint
     with pytest.raises(KeyboardInterrupt):
@@ -147,14 +145,15 @@ def s3_server():
     server.stop()
 
 
-def test_a_run_on_s3_killed_and_resumed_ends_like_a_local_run(ray_session, tmp_path, tracking_uri, s3_server):
+def test_a_run_on_s3_killed_and_resumed_ends_like_a_local_run(
+    ray_session, tmp_path, tracking_uri, s3_server, reference_run
+):
     """SIGKILL after a round, the local staging folder lost too (a new head node), a
     half-uploaded round (objects, no manifest) on the store; the job submitted again with
     --resume-if-exists ignores the half round and ends where an uninterrupted run ends."""
     fs = s3_server
     overrides = [*TINY, "rounds=3", "method=fedplora", "name=s3-run"]
-    whole = tmp_path / "whole"
-    run(load_spec("jobs/quickstart.yaml", overrides), run_dir=whole, tracking_uri=tracking_uri, progress=False)
+    whole = reference_run("fedplora", 3)
 
     uri = "s3://fedray-test/runs/killed"
     command = _cli("jobs/quickstart.yaml", *overrides, "--run-dir", uri, "--tracking-uri", tracking_uri)
