@@ -24,6 +24,7 @@ from fedray.data import load_dataset
 from fedray.methods import ClientUpdate, create_method
 from fedray.models import ModelSpec, export_base, head_state, load_base
 from fedray.worker.workbench import Workbench
+from tests.test_methods import perturbed
 
 GOLDEN = Path(__file__).parent / "data" / "default_rounds.json"
 BUILTIN = ["fedit", "flora", "flexlora", "hetlora", "hlora", "fedplora"]
@@ -48,9 +49,7 @@ def _method_rounds(name: str) -> str:
     for _ in range(3):
         updates = []
         for client, rank in enumerate([8] * 3 if name == "fedit" else [2, 8, 5]):
-            init = method.client_init(client, rank)
-            B = {layer: t + 0.3 * torch.randn(t.shape, generator=noise) for layer, t in init.B.items()}
-            A = {layer: t + 0.3 * torch.randn(t.shape, generator=noise) for layer, t in init.A.items()}
+            B, A = perturbed(method.client_init(client, rank), noise)
             updates.append(ClientUpdate(client, rank, 10 + client, B, A))
         method.aggregate(updates)
     return _hash(method.global_delta())

@@ -12,6 +12,7 @@ import torch
 from fedray.config import SpecError, load_spec
 from fedray.methods import ClientUpdate, create_method
 from fedray.methods.server_optimizer import ServerOptimizer
+from tests.test_methods import perturbed
 
 BUILTIN = ["fedit", "flora", "flexlora", "hetlora", "hlora", "fedplora"]
 SHAPES = {"q": (12, 10), "v": (12, 8)}
@@ -92,9 +93,7 @@ def test_every_method_takes_back_its_server_state(name):
     noise = torch.Generator().manual_seed(0)
     updates = []
     for client, rank in enumerate([6, 6] if name == "fedit" else [2, 6]):
-        init = method.client_init(client, rank)
-        B = {k: t + 0.2 * torch.randn(t.shape, generator=noise) for k, t in init.B.items()}
-        A = {k: t + 0.2 * torch.randn(t.shape, generator=noise) for k, t in init.A.items()}
+        B, A = perturbed(method.client_init(client, rank), noise, amount=0.2)
         updates.append(ClientUpdate(client, rank, 5, B, A))
     method.aggregate(updates)
     before = {k: v.clone() for k, v in method.global_delta().items()}

@@ -37,7 +37,7 @@ from fedray.models import export_base, head_state, target_layers
 from fedray.tracking.names import EVAL_METRICS, MAJORITY_METRIC
 from fedray.tracking.store import DEFAULT_RUNS_ROOT, Tracker, default_tracking_uri
 
-__all__ = ["RunFailed", "RunSummary", "resume", "run", "run_or_resume"]
+__all__ = ["RunFailed", "RunSummary", "resume", "run", "run_or_resume", "saved_checkpoint"]
 
 #: Spec fields a resumed run may change with --allow-spec-change (they alter no past round).
 SAFE_TO_CHANGE = (
@@ -160,11 +160,7 @@ def resume(
 def run_or_resume(spec: Spec, run_dir: str | Path, **options) -> RunSummary:
     """Resume ``run_dir`` if it holds a checkpoint of ``spec``, else start ``spec`` there
     (``fedray run --resume-if-exists``: a resubmitted job continues where it stopped)."""
-    if is_remote(run_dir):
-        saved = RemoteRunDir(str(run_dir)).newest_manifest()
-    else:
-        run_dir = Path(run_dir)
-        saved = read_checkpoint(run_dir).info if (run_dir / CHECKPOINT_DIR / LATEST).is_file() else None
+    saved = saved_checkpoint(run_dir)
     if saved is None:
         return run(spec, run_dir=run_dir, **options)
     if saved["spec_digest"] != spec.digest():
@@ -175,6 +171,15 @@ def run_or_resume(spec: Spec, run_dir: str | Path, **options) -> RunSummary:
     for naming in ("run_name", "tags"):  # the resumed run keeps its MLflow name and tags
         options.pop(naming, None)
     return resume(run_dir, **options)
+
+
+def saved_checkpoint(run_dir: str | Path) -> dict | None:
+    """What the last complete checkpoint of ``run_dir`` (a folder or an fsspec URI) records
+    (round, run id, spec digest, metrics), without its tensors; None if it has none."""
+    if is_remote(run_dir):
+        return RemoteRunDir(str(run_dir)).newest_manifest()
+    latest = Path(run_dir) / CHECKPOINT_DIR / LATEST
+    return json.loads(latest.read_text()) if latest.is_file() else None
 
 
 def _catch_up(run_dir: Path, tracker: Tracker, checkpoint: Checkpoint) -> None:

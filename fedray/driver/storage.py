@@ -87,10 +87,7 @@ class RemoteRunDir:
         manifest = self.newest_manifest()
         if manifest is None:
             raise FileNotFoundError(f"{self.uri} has no complete checkpoint; start it again without --resume")
-        self._fresh_local()
-        for name in ("spec.yaml", "partition.json", "metrics.jsonl"):
-            if self.fs.exists(f"{self.root}/{name}"):
-                self.fs.get_file(f"{self.root}/{name}", str(self.local / name))
+        self.stage_files([*START_FILES, "metrics.jsonl"])
         folder = self.local / CHECKPOINT_DIR
         folder.mkdir(parents=True)
         for name in _objects(manifest):

@@ -31,10 +31,10 @@ from rich.console import Console
 
 from fedray import inputs
 from fedray.config import SpecError
-from fedray.driver.checkpoint import CHECKPOINT_DIR, LATEST, atomic_write
+from fedray.driver.checkpoint import atomic_write
 from fedray.driver.cluster import check_services, connect_ray
 from fedray.driver.grid import Cell, Grid, grid_digest
-from fedray.driver.lifecycle import resume, run
+from fedray.driver.lifecycle import resume, run, saved_checkpoint
 from fedray.driver.outputs import METRICS_FILE
 from fedray.driver.storage import RemoteRunDir, is_remote
 from fedray.tracking.comparison import comparison_table, score_record
@@ -200,21 +200,13 @@ def _run_cell(
     cell: Cell, grid: Grid, sweep_dir: Path, tracking_uri: str, parent_run_id: str, remote: RemoteRunDir | None
 ) -> dict[str, Any]:
     """Run (or resume) one cell; its record."""
-    if remote is None:
-        run_dir = location = sweep_dir / CELLS_DIR / cell.id
-        checkpointed = (run_dir / CHECKPOINT_DIR / LATEST).is_file()
-    else:
-        cell_remote = remote.child(f"{CELLS_DIR}/{cell.id}")
-        location, run_dir = cell_remote.uri, cell_remote.local
-        checkpointed = cell_remote.newest_manifest() is not None
-    if checkpointed:
+    location, run_dir = _cell_dirs(sweep_dir, remote, cell.id)
+    if saved_checkpoint(location) is not None:
         resume(location, progress=False)
     else:
         # Cut off before its first checkpoint: start over, without a second MLflow run.
         _delete_child_runs(MlflowClient(tracking_uri), parent_run_id, cell.id)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if remote is not None:
-            cell_remote.clear()
+        _clear_cell(sweep_dir, remote, cell.id)
         tags = {PARENT_TAG: parent_run_id, "sweep": grid.name, "cell": cell.id, "variant": cell.variant}
         tags |= {f"axis.{key}": json.dumps(value) for key, value in cell.axes.items()}
         run(cell.spec, run_dir=location, tracking_uri=tracking_uri, progress=False, run_name=cell.id, tags=tags)
@@ -235,7 +227,7 @@ def cell_record(cell: Cell, run_dir: Path) -> dict[str, Any]:
         | scores
         | {
             "curve": curve,
-            "run_id": json.loads((run_dir / CHECKPOINT_DIR / LATEST).read_text())["run_id"],
+            "run_id": saved_checkpoint(run_dir)["run_id"],
             "eval_examples": len(eval_set),
         }
     )
@@ -244,8 +236,7 @@ def cell_record(cell: Cell, run_dir: Path) -> dict[str, Any]:
 def _status_line(grid: Grid, results: dict, running, sweep_dir: Path, remote: RemoteRunDir | None) -> str:
     in_flight = []
     for cell in running:
-        folder = sweep_dir / CELLS_DIR / cell.id if remote is None else remote.child(f"{CELLS_DIR}/{cell.id}").local
-        metrics = folder / METRICS_FILE
+        metrics = _cell_dirs(sweep_dir, remote, cell.id)[1] / METRICS_FILE
         done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
         in_flight.append(f"{cell.id} round {done}/{cell.spec.rounds}")
     left = len(grid.cells) - len(results) - len(in_flight)
@@ -322,10 +313,25 @@ def _forget(
     sweep_dir: Path, client: MlflowClient, parent_run_id: str, cell_id: str, remote: RemoteRunDir | None
 ) -> None:
     """Drop a cell's run directory and MLflow runs, so that it runs afresh (``--again``)."""
-    shutil.rmtree(sweep_dir / CELLS_DIR / cell_id, ignore_errors=True)
+    _clear_cell(sweep_dir, remote, cell_id)
+    _delete_child_runs(client, parent_run_id, cell_id, finished_too=True)
+
+
+def _cell_dirs(sweep_dir: Path, remote: RemoteRunDir | None, cell_id: str) -> tuple[str | Path, Path]:
+    """Where cell ``cell_id`` runs (its run directory, or its URI on the sweep's store) and
+    the local folder that holds its files (the same folder, or its staging folder)."""
+    if remote is None:
+        folder = sweep_dir / CELLS_DIR / cell_id
+        return folder, folder
+    cell_remote = remote.child(f"{CELLS_DIR}/{cell_id}")
+    return cell_remote.uri, cell_remote.local
+
+
+def _clear_cell(sweep_dir: Path, remote: RemoteRunDir | None, cell_id: str) -> None:
+    """Delete what a cell left, locally and on the sweep's store."""
+    shutil.rmtree(_cell_dirs(sweep_dir, remote, cell_id)[1], ignore_errors=True)
     if remote is not None:
         remote.child(f"{CELLS_DIR}/{cell_id}").clear()
-    _delete_child_runs(client, parent_run_id, cell_id, finished_too=True)
 
 
 def _delete_child_runs(client: MlflowClient, parent_run_id: str, cell_id: str, *, finished_too: bool = False) -> None:
