@@ -47,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     sweep_parser.add_argument("--address", help="Ray cluster to join (default RAY_ADDRESS, else a local Ray)")
     sweep_parser.add_argument("--max-concurrent", type=int, help="cells at once (default: what the cluster holds)")
     sweep_parser.add_argument("--again", nargs="+", default=(), metavar="CELL", help="run these cells afresh")
+    sweep_parser.add_argument(
+        "--only",
+        nargs="+",
+        default=(),
+        metavar="PATTERN",
+        help="run only the cells whose ids match one of these shell patterns, e.g. '*/fedit-*/*'",
+    )
     report_parser = commands.add_parser("report", help="compare the runs of an experiment: plots, table, HTML")
     report_parser.add_argument("experiment", help="MLflow experiment name (the spec's name)")
     report_parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///runs/mlflow.db)")
@@ -155,6 +162,7 @@ def _sweep(args: argparse.Namespace) -> int:
             address=args.address,
             max_concurrent=args.max_concurrent,
             again=args.again,
+            only=args.only,
         )
     except USER_ERRORS as error:
         print(f"fedray: {error}", file=sys.stderr)

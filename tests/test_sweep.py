@@ -59,7 +59,13 @@ def _children(client: MlflowClient, parent_run_id: str) -> list:
 
 def test_a_grid_runs_as_child_runs_of_one_parent_with_honest_statistics(ray_session, tracking_uri, tmp_path):
     grid = load_grid(_tiny_grid(tmp_path, "sweep-test"))
+    with pytest.raises(SpecError, match=r"--only \*/fedit-r8/\* matches no cell of grid sweep-test"):
+        sweep(grid, sweep_dir=tmp_path / "sweep", only=["*/fedit-*/*", "*/fedit-r8/*"])
+    # Some cells first (--only), then the rest: the second call runs only what is left.
+    first = sweep(grid, sweep_dir=tmp_path / "sweep", tracking_uri=tracking_uri, only=["*/fedit-*/*"])
+    assert sorted(first.results) == sorted(cell.id for cell in grid.cells if cell.variant == "fedit-r4")
     summary = sweep(grid, sweep_dir=tmp_path / "sweep", tracking_uri=tracking_uri, max_concurrent=2)
+    assert all(summary.results[cell_id] == record for cell_id, record in first.results.items())
 
     client = MlflowClient(tracking_uri)
     children = _children(client, summary.parent_run_id)

@@ -17,6 +17,7 @@ sweep, cell, variant, seed and axis values.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 from collections.abc import Sequence
@@ -76,9 +77,13 @@ def sweep(
     address: str | None = None,
     max_concurrent: int | None = None,
     again: Sequence[str] = (),
+    only: Sequence[str] = (),
     console: Console | None = None,
 ) -> SweepSummary:
-    """Run every cell of ``grid`` that has no result yet; ``again`` names cells to run afresh."""
+    """Run every cell of ``grid`` that has no result yet; ``again`` names cells to run afresh.
+
+    ``only`` (shell patterns such as ``*/fedit-*/*``) restricts this call to the cells whose
+    ids match one of them; the others keep their results and are run by a later call."""
     console = console or Console(stderr=True, soft_wrap=True)
     if max_concurrent is not None and max_concurrent < 1:
         raise SpecError(f"--max-concurrent must be at least 1, got {max_concurrent}")
@@ -93,6 +98,7 @@ def sweep(
         sweep_dir = Path(sweep_dir) if sweep_dir is not None else DEFAULT_RUNS_ROOT / SWEEPS_DIR / grid.name
     for cell_id in again:
         grid.cell(cell_id)  # one clear error for a name the grid does not have
+    chosen = _chosen(grid, only)
     state = _read_state(sweep_dir, grid)
     if tracking_uri is None:
         tracking_uri = state["tracking_uri"] if state else default_tracking_uri(runs_root)
@@ -102,7 +108,7 @@ def sweep(
         raise SpecError(f"sweep {sweep_dir} tracks in {state['tracking_uri']}; leave --tracking-uri out or match it")
     check_services(tracking_uri, address)
     results = _read_results(sweep_dir / RESULTS_FILE)
-    todo = [cell for cell in grid.cells if cell.id not in results or cell.id in again]
+    todo = [cell for cell in chosen if cell.id not in results or cell.id in again]
     if todo:
         connect_ray(address, todo[0].spec)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -119,8 +125,9 @@ def sweep(
     if remote is not None:
         remote.put(RESULTS_FILE)
     where = remote or sweep_dir
-    console.print(f"sweep {grid.name}: {len(grid.cells) - len(todo)} of {len(grid.cells)} cells done, "
-                  f"{len(todo)} to run; MLflow parent run {state['parent_run_id']} in {where}")  # fmt: skip
+    done = sum(cell.id in results for cell in grid.cells)
+    console.print(f"sweep {grid.name}: {done} of {len(grid.cells)} cells done, {len(todo)} to run"
+                  f"{' (--only)' if only else ''}; MLflow parent run {state['parent_run_id']} in {where}")  # fmt: skip
     status = "FAILED"
     try:
         _run_cells(
@@ -133,13 +140,26 @@ def sweep(
     finally:
         client.set_terminated(state["parent_run_id"], status=status)
     table = comparison_table(
-        (results[cell.id] for cell in grid.cells), variants=grid.variants, reference=grid.reference
+        (results[cell.id] for cell in grid.cells if cell.id in results),
+        variants=grid.variants,
+        reference=grid.reference,
     )
     (sweep_dir / SUMMARY_FILE).write_text(f"# Sweep {grid.name}\n\n{table}\n")
     if remote is not None:
         remote.put(SUMMARY_FILE)
     Tracker(tracking_uri, state["parent_run_id"]).log_artifact(sweep_dir / SUMMARY_FILE)
     return SweepSummary(remote or sweep_dir, tracking_uri, state["parent_run_id"], results, table)
+
+
+def _chosen(grid: Grid, only: Sequence[str]) -> list[Cell]:
+    """The cells of ``grid`` whose ids match a pattern of ``only`` (all of them if it is empty)."""
+    if not only:
+        return list(grid.cells)
+    unmatched = [p for p in only if not any(fnmatch.fnmatchcase(cell.id, p) for cell in grid.cells)]
+    if unmatched:
+        example = grid.cells[0].id
+        raise SpecError(f"--only {' '.join(unmatched)} matches no cell of grid {grid.name} (cells read like {example})")
+    return [cell for cell in grid.cells if any(fnmatch.fnmatchcase(cell.id, p) for p in only)]
 
 
 def _run_cells(
