@@ -1,4 +1,4 @@
-"""The accuracy sweep's cells, its append-only results file and its smoke run."""
+"""The accuracy sweep's record: its cells, its results file and the tables read from it."""
 
 from __future__ import annotations
 
@@ -128,15 +128,6 @@ def test_participation_table_pairs_cells_by_seed_and_stays_out_of_the_main_curve
     assert "| hlora | - | - | - |" in markdown
     # The main grid's mean curve counts the three primary cells only.
     assert "| rt-iid | 3 | 0.720 |" in "\n".join(sweep.flatten_table(results))
-
-
-def test_smoke_runs_two_cells_a_second_sitting_redoes_none_and_again_reruns_one():
-    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["smoke"] == "ok"
-    assert set(summary["cells"]) == {"rt-iid/fedplora/s0", "rt-iid/fedit-r2/s0"}
-    assert all(0.0 <= accuracy <= 1.0 for accuracy in summary["cells"].values())
 
 
 def test_a_trials_table_prints_but_never_overwrites_the_record(tmp_path):

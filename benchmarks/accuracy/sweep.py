@@ -1,19 +1,16 @@
-"""The accuracy sweep: every method and reference on every setting, in resumable cells.
+"""The accuracy sweep's record: its cells, its results and the tables made from them.
 
-A cell is one fedray run (setting x variant x seed) of ``setting.yaml`` plus overrides. A
-sitting runs the cells that have no result yet, in order and two at a time, and appends
-each finished cell's result as one JSON line to ``results.jsonl``; nothing else is ever
-rewritten, so a sitting can end at any moment (Ctrl-C, a time budget, a lost machine)
-and the next one goes on. A cell that was cut off mid-run resumes from its last checkpoint.
+A cell is one fedray run (setting x variant x seed) of ``setting.yaml`` plus overrides;
+``results.jsonl`` holds one JSON line per finished cell (final accuracy, curve, seconds,
+MB moved, MLflow run id, the exact overrides). The cells ran in sittings of an earlier
+runner of this script; ``fedray sweep`` now runs the same cells from ``grids/`` (a test
+checks that their specs are the recorded cells' specs), and this script reads the record:
 
     python benchmarks/accuracy/sweep.py list                       # cells, done or not
-    python benchmarks/accuracy/sweep.py run --budget-min 60        # a sitting of about an hour
-    python benchmarks/accuracy/sweep.py run --only rt-dir0.1/fedplora/s0   # one cell, if it has no result
-    python benchmarks/accuracy/sweep.py run --again --only rt-iid/hlora/s1  # re-run one cell from scratch
     python benchmarks/accuracy/sweep.py table                      # tables from results.jsonl
     python benchmarks/accuracy/sweep.py table --write              # ... into benchmarks/RESULTS.md
+    python benchmarks/accuracy/sweep.py table --results trials/bbc-24-rounds.jsonl   # a trial's tables
     python benchmarks/accuracy/sweep.py curves                     # fedray report per setting
-    python benchmarks/accuracy/sweep.py --smoke                    # two tiny cells, < 1 min (CI)
 
 Runs and their MLflow store live under ``benchmarks/accuracy/runs/`` (not in git); the
 results file and the tables are the record.
@@ -24,17 +21,10 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import os
-import platform
-import shutil
 import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -107,20 +97,6 @@ PARTICIPATION_VARIANTS: dict[str, tuple[str, ...]] = {
 }
 #: The tables of the main grid; the others ("hlora", "participation") are side tables of one setting.
 MAIN_TABLES = ("primary", "secondary")
-
-#: Cells a sitting runs at once: two keep both cores of the 2-core machine busy.
-DEFAULT_PARALLEL = 2
-#: Tiny overrides for --smoke: seconds per cell.
-SMOKE = (
-    "rounds=2",
-    "num_clients=4",
-    "clients_per_round=2",
-    "train.local_steps=1",
-    "train.batch_size=4",
-    "train.max_seq_len=16",
-    "eval.every=1",
-    "eval.max_examples=16",
-)
 
 
 @dataclass(frozen=True)
@@ -195,153 +171,6 @@ def read_results(path: Path) -> dict[str, dict]:
             continue
         results[record["cell"]] = record
     return results
-
-
-def run_cell(cell: Cell, *, runs_dir: Path, tracking_uri: str, extra: Sequence[str] = (), fresh: bool = False) -> dict:
-    """Run (or resume) one cell and return its result record; ``fresh`` starts over even from a checkpoint."""
-    from fedray.config import load_spec
-    from fedray.driver.checkpoint import CHECKPOINT_DIR, LATEST
-    from fedray.driver.lifecycle import resume, run
-
-    run_dir = runs_dir / cell.id
-    spec = load_spec(SETTING_FILE, cell.spec_overrides(extra))
-    started = time.perf_counter()
-    if fresh:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    if (run_dir / CHECKPOINT_DIR / LATEST).exists():
-        print(f"sweep: resuming {cell.id} from its last checkpoint", file=sys.stderr)
-        summary = resume(run_dir, progress=False)
-    else:
-        # Cut off before its first checkpoint: nothing to keep.
-        shutil.rmtree(run_dir, ignore_errors=True)
-        summary = run(spec, run_dir=run_dir, tracking_uri=tracking_uri, progress=False)
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [[r["round"] + 1, r["eval_accuracy"]] for r in rounds if r.get("eval_accuracy") is not None]
-    return {
-        "cell": cell.id,
-        "table": cell.table,
-        "setting": cell.setting,
-        "variant": cell.variant,
-        "seed": cell.seed,
-        "final_accuracy": curve[-1][1],
-        "curve": curve,
-        "train_loss_last": rounds[-1].get("train_loss"),
-        "round_s_mean": statistics.fmean(r["round_s"] for r in rounds),
-        "sitting_wall_s": round(time.perf_counter() - started, 1),
-        "mb_up_down": sum(r["bytes_up"] + r["bytes_down"] for r in rounds) / 1e6,
-        "run_id": summary.run_id,
-        "overrides": cell.spec_overrides(extra),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
-    }
-
-
-def sitting(
-    cells: Sequence[Cell],
-    *,
-    results_file: Path,
-    runs_dir: Path,
-    budget_s: float | None,
-    extra: Sequence[str] = (),
-    again: bool = False,
-    parallel: int = 1,
-) -> int:
-    """Run the cells without a result until the budget is spent; returns how many finished.
-
-    ``parallel`` cells run at once, as threads of this driver over its one Ray instance and
-    its warm workers: a lone cell leaves a core idle while a round's last client trains
-    alone and while the server evaluates, and a second cell's tasks fill those gaps. A
-    client task owns its threads either way, so a cell computes what it computes alone.
-    ``again`` runs the cells that have a result too, from scratch: the new line in the
-    results file wins, and the old MLflow run is deleted once the new one has finished, so
-    the curves hold one run per cell. Ctrl-C ends the sitting at once; the cells in flight
-    resume from their last checkpoints in the next one.
-    """
-    import ray
-    from mlflow.tracking import MlflowClient
-
-    from fedray.config import load_spec
-    from fedray.driver.cluster import connect_ray
-    from fedray.tracking.store import check_tracking_uri
-
-    if parallel < 1:
-        raise SystemExit(f"--parallel must be at least 1, got {parallel}")
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = f"sqlite:///{runs_dir / 'mlflow.db'}"
-    check_tracking_uri(tracking_uri)
-    done = read_results(results_file)
-    todo = list(cells) if again else [cell for cell in cells if cell.id not in done]
-    print(f"sweep: {len(cells) - len(todo)} of {len(cells)} cells done, {len(todo)} to run", file=sys.stderr)
-    if todo:
-        # Once, before the threads: concurrent cells join the same instance.
-        connect_ray(None, load_spec(SETTING_FILE, todo[0].spec_overrides(extra)))
-    #: The cells this sitting runs at once (the record's share of the machine).
-    concurrency = min(parallel, len(todo))
-    started = time.perf_counter()
-    waiting = iter(todo)
-    running: dict[Future, Cell] = {}
-    finished, failure = 0, None
-
-    def start_next(pool: ThreadPoolExecutor) -> bool:
-        if budget_s is not None and time.perf_counter() - started > budget_s:
-            return False
-        cell = next(waiting, None)
-        if cell is None:
-            return False
-        future = pool.submit(run_cell, cell, runs_dir=runs_dir, tracking_uri=tracking_uri, extra=extra, fresh=again)
-        running[future] = cell
-        return True
-
-    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cell") as pool:
-        try:
-            while True:
-                while failure is None and len(running) < parallel and start_next(pool):
-                    pass
-                if not running:
-                    break
-                for future in wait(running, return_when=FIRST_COMPLETED).done:
-                    cell = running.pop(future)
-                    try:
-                        record = future.result()
-                    except Exception as error:  # the others in flight finish and are recorded first
-                        failure = failure or error
-                        continue
-                    record["parallel"] = concurrency
-                    with results_file.open("a") as out:
-                        out.write(json.dumps(record) + "\n")
-                    if again and cell.id in done:
-                        _delete_run(MlflowClient(tracking_uri), done[cell.id]["run_id"])
-                    finished += 1
-                    print(
-                        f"sweep: {cell.id}: final accuracy {record['final_accuracy']:.4f} "
-                        f"({record['sitting_wall_s']:.0f} s)",
-                        file=sys.stderr,
-                    )
-        except KeyboardInterrupt:
-            print("sweep: interrupted; the cells in flight resume from their checkpoints next sitting", file=sys.stderr)
-            sys.stderr.flush()
-            ray.shutdown()
-            os._exit(130)  # the cell threads cannot be interrupted; their checkpoints are on disk
-    if ray.is_initialized():
-        ray.shutdown()
-    if failure is not None:
-        raise failure
-    if next(waiting, None) is not None:
-        print("sweep: time budget spent; the next sitting goes on from here", file=sys.stderr)
-    return finished
-
-
-def _delete_run(client, run_id: str) -> None:
-    """Delete a replaced cell's MLflow run, unless it is not in this store (made on another machine)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-
-    try:
-        client.delete_run(run_id)
-    except MlflowException as error:
-        if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            raise
-        print(f"sweep: the replaced run {run_id} is not in this store; nothing to delete", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -523,34 +352,6 @@ def _selected(only: Sequence[str]) -> list[Cell]:
     return chosen
 
 
-def _smoke() -> None:
-    """Two tiny cells end to end in a temporary folder: run, a second sitting is a no-op, --again re-runs, table."""
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        cells = [c for c in all_cells() if c.id in ("rt-iid/fedplora/s0", "rt-iid/fedit-r2/s0")]
-        results_file = folder / "results.jsonl"
-        # Both cells at once: one experiment created by two runs, one Ray shared by two drivers' threads.
-        finished = sitting(
-            cells, results_file=results_file, runs_dir=folder / "runs", budget_s=None, extra=SMOKE, parallel=2
-        )
-        again = sitting(cells, results_file=results_file, runs_dir=folder / "runs", budget_s=None, extra=SMOKE)
-        first = read_results(results_file)
-        rerun = sitting(
-            cells[:1], results_file=results_file, runs_dir=folder / "runs", budget_s=None, extra=SMOKE, again=True
-        )
-        results = read_results(results_file)
-        assert finished == 2 and again == 0 and rerun == 1 and len(results) == 2, (finished, again, rerun, results)
-        assert [first[cell.id]["parallel"] for cell in cells] == [2, 2], first
-        assert len({first[cell.id]["run_id"] for cell in cells}) == 2
-        assert results[cells[0].id]["run_id"] != first[cells[0].id]["run_id"], "--again made no new run"
-        from mlflow.tracking import MlflowClient
-
-        replaced = MlflowClient(f"sqlite:///{folder / 'runs' / 'mlflow.db'}").get_run(first[cells[0].id]["run_id"])
-        assert replaced.info.lifecycle_stage == "deleted", "--again left the replaced MLflow run in the curves"
-        print(tables(results, cells))
-        print(json.dumps({"smoke": "ok", "cells": {k: v["final_accuracy"] for k, v in results.items()}}))
-
-
 def _iter_status(cells: Sequence[Cell], results: dict[str, dict]) -> Iterator[str]:
     for cell in cells:
         result = results.get(cell.id)
@@ -560,35 +361,15 @@ def _iter_status(cells: Sequence[Cell], results: dict[str, dict]) -> Iterator[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="two tiny cells in a temporary folder (CI)")
-    parser.add_argument("command", nargs="?", choices=("list", "run", "table", "curves"), default="list")
-    parser.add_argument("--only", nargs="*", default=(), help="cell ids or glob patterns (e.g. 'rt-iid/*/s0')")
-    parser.add_argument("--budget-min", type=float, help="start no new cell after this many minutes")
-    parser.add_argument("--again", action="store_true", help="run: re-run the chosen cells from scratch even if done")
-    parser.add_argument(
-        "--parallel",
-        type=int,
-        default=DEFAULT_PARALLEL,
-        help=f"run: cells at once on the one Ray instance (default {DEFAULT_PARALLEL}: fills both cores of 2)",
-    )
+    parser.add_argument("command", nargs="?", choices=("list", "table", "curves"), default="list")
+    parser.add_argument("--only", nargs="*", default=(), help="list: cell ids or glob patterns (e.g. 'rt-iid/*/s0')")
     parser.add_argument("--write", action="store_true", help="table: replace the sweep block of RESULTS.md")
-    parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="list/run/table: the results file")
-    parser.add_argument("--extra", nargs="*", default=(), help="run: overrides added to every cell (trials only)")
-    parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="run/curves: runs and their MLflow store")
+    parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="list/table: the results file")
+    parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="curves: the runs and their MLflow store")
     args = parser.parse_args(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # A sitting starts Ray itself; a cell thread still running after Ctrl-C's shutdown must not start another.
-    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
-    if args.smoke:
-        _smoke()
-        return 0
     cells = _selected(args.only)
     if args.command == "list":
         print("\n".join(_iter_status(cells, read_results(args.results))))
-    elif args.command == "run":
-        budget = None if args.budget_min is None else args.budget_min * 60
-        options = {"budget_s": budget, "again": args.again, "parallel": args.parallel, "extra": args.extra}
-        sitting(cells, results_file=args.results, runs_dir=args.runs_dir, **options)
     elif args.command == "table":
         if args.write and args.results.resolve() != RESULTS_FILE:
             raise SystemExit(f"table --write fills RESULTS.md from {RESULTS_FILE} only, not from a trial's results")
