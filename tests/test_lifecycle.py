@@ -173,3 +173,5 @@ def test_a_local_run_of_fractional_cpu_clients_keeps_one_worker_per_client(tmp_p
     workers = json.loads((tmp_path / "run" / "workers.json").read_text())
     at_once = min(4, int((os.cpu_count() or 1) / 0.5))
     assert len(workers) <= at_once and all(worker["builds"] == 1 for worker in workers.values()), workers
+    # Warm-up tasks built those workbenches while the driver created the MLflow run.
+    assert all(worker["warmed"] for worker in workers.values()), workers

@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import ray
 import yaml
@@ -36,6 +39,7 @@ from fedray.methods import METHODS
 from fedray.models import export_base, head_state, target_layers
 from fedray.tracking.names import EVAL_METRICS, MAJORITY_METRIC
 from fedray.tracking.store import DEFAULT_RUNS_ROOT, Tracker, default_tracking_uri
+from fedray.worker.tasks import warm_task
 
 __all__ = ["RunFailed", "RunSummary", "resume", "run", "run_or_resume", "saved_checkpoint"]
 
@@ -85,7 +89,7 @@ def run(
     if tracking_uri is None:
         runs_root.mkdir(parents=True, exist_ok=True)  # the default store's folder
         tracking_uri = default_tracking_uri(runs_root)
-    prepared = _prepare(spec, run_dir, tracking_uri, address)
+    prepared, shared = _prepare(spec, run_dir, tracking_uri, address)
     (run_dir / "partition.json").write_text(json.dumps(prepared.partition.stats, indent=1))
     if remote is not None:
         remote.upload_start()
@@ -101,7 +105,7 @@ def run(
     if prepared.task == "classification":
         # The reference line of every accuracy: what always answering the majority class scores.
         tracker.log_metrics(0, {MAJORITY_METRIC: inputs.eval_set(spec, prepared.split).majority_share()})
-    return _execute(spec, run_dir, tracker, prepared, address, progress, first_round=0, remote=remote)
+    return _execute(spec, run_dir, tracker, prepared, shared, progress, first_round=0, remote=remote)
 
 
 def resume(
@@ -139,7 +143,7 @@ def resume(
     info = checkpoint.info
     if info["spec_digest"] != saved.digest():
         raise SpecError(f"{run_dir}/spec.yaml does not match its checkpoint; restore it or start a new run")
-    prepared = _prepare(spec, run_dir, info["tracking_uri"], address)
+    prepared, shared = _prepare(spec, run_dir, info["tracking_uri"], address)
     tracker = Tracker(info["tracking_uri"], info["run_id"])
     MlflowClient(info["tracking_uri"]).update_run(info["run_id"], status="RUNNING")
     _catch_up(run_dir, tracker, checkpoint)
@@ -149,7 +153,7 @@ def resume(
         run_dir,
         tracker,
         prepared,
-        address,
+        shared,
         progress,
         first_round=first_round,
         checkpoint=checkpoint,
@@ -191,15 +195,40 @@ def _catch_up(run_dir: Path, tracker: Tracker, checkpoint: Checkpoint) -> None:
         tracker.log_metrics(done, outputs.numbers(checkpoint.info["metrics"]))
 
 
-def _prepare(spec: Spec, run_dir: Path, tracking_uri: str, address: str | None) -> Prepared:
-    """Check the services, build the run's inputs, join Ray (checking its resources), and
-    only then (re)write ``spec.yaml``: a start that fails writes nothing."""
+@dataclass(frozen=True)
+class _Shared:
+    """The base model in the object store, and the key of its workbenches in the workers."""
+
+    run_key: str
+    ref: Any
+
+
+def _prepare(spec: Spec, run_dir: Path, tracking_uri: str, address: str | None) -> tuple[Prepared, _Shared]:
+    """Check the services, build the run's inputs, join Ray (checking its resources), put
+    the base in the object store and start warming the workers, and only then (re)write
+    ``spec.yaml``: a start that fails writes nothing."""
     check_services(tracking_uri, address)
     prepared = prepare(spec)
     connect_ray(address, spec)
+    shared = _Shared(uuid.uuid4().hex, ray.put(export_base(prepared.base)))
+    _warm_workers(spec, shared)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
-    return prepared
+    return prepared, shared
+
+
+def _warm_workers(spec: Spec, shared: _Shared) -> None:
+    """One warm-up task per client slot of a round: the worker processes import torch and
+    the model stack, build their workbench and read the data while the driver creates the
+    MLflow run and the aggregation actor, instead of in the first round. Not waited for."""
+    resources = {"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus}
+    available = ray.cluster_resources()
+    slots = spec.sampled_clients
+    for resource, wanted in (("CPU", spec.resources.num_cpus), ("GPU", spec.resources.num_gpus)):
+        if wanted > 0:
+            slots = min(slots, int(available.get(resource, 0) / wanted))
+    for _ in range(slots):
+        warm_task.options(**resources).remote(shared.run_key, [shared.ref], spec)
 
 
 def _execute(
@@ -207,7 +236,7 @@ def _execute(
     run_dir: Path,
     tracker: Tracker,
     prepared: Prepared,
-    address: str | None,
+    shared: _Shared,
     progress: bool,
     *,
     first_round: int,
@@ -225,9 +254,10 @@ def _execute(
             run_dir=run_dir,
             shards=prepared.partition.shards,
             client_ranks=prepared.client_ranks,
-            shared_ref=ray.put(export_base(base)),
+            shared_ref=shared.ref,
             aggregator=aggregator,
             tracker=tracker,
+            run_key=shared.run_key,
             remote=remote,
         )
         metric_name = EVAL_METRICS[prepared.task]

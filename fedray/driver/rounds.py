@@ -53,6 +53,8 @@ class RunContext:
     #: The aggregation actor's handle.
     aggregator: Any
     tracker: Tracker
+    #: The key of the run's workbenches in the worker processes (unique per driver run).
+    run_key: str
     #: Where the run directory lives when it is not local (run_dir is then its staging folder).
     remote: RemoteRunDir | None = None
 
@@ -102,9 +104,7 @@ def play_round(run: RunContext, round_index: int, show: Show) -> dict[str, Any]:
     metrics["client_retries"] = float(sum(len(reasons) for reasons in retried.values()))
     if round_index == spec.rounds - 1 or (round_index + 1) % spec.eval.every == 0:
         state_ref = run.aggregator.global_state.remote()
-        metrics |= ray.get(
-            eval_task.options(**run.resources).remote(run.tracker.run_id, [run.shared_ref], state_ref, spec)
-        )
+        metrics |= ray.get(eval_task.options(**run.resources).remote(run.run_key, [run.shared_ref], state_ref, spec))
     metrics["round_s"] = time.perf_counter() - started
     record = {"round": round_index, "clients": sampled, **metrics, "failures": failures, "retries": retried}
     method_state, head, server_state = ray.get(run.aggregator.state.remote())
@@ -139,7 +139,7 @@ def _run_clients(
 
     def launch(client: int, tries: int) -> None:
         task = train_task.options(**run.resources).remote(
-            run.tracker.run_id,
+            run.run_key,
             [run.shared_ref],
             inits[client],
             run.shards[client],

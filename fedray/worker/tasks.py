@@ -35,6 +35,8 @@ WORKBENCHES_PER_PROCESS = 2
 _BENCHES: OrderedDict[str, Workbench] = OrderedDict()
 #: How many times this process built each run's base model (reported in workers.json).
 _BUILDS: dict[str, int] = {}
+#: Runs whose workbench a warm-up task built in this process (reported in workers.json).
+_WARMED: set[str] = set()
 #: What a client task yields first, as it begins to run.
 STARTED = "started"
 
@@ -60,8 +62,10 @@ def set_threads(spec: Spec) -> None:
 
 
 def worker_info(run_key: str) -> dict[str, Any]:
-    """Where a task ran, and how often that process built ``run_key``'s base model."""
-    return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "builds": _BUILDS[run_key]}
+    """Where a task ran, how often that process built ``run_key``'s base model, and whether
+    a warm-up task built it before the first round."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return {"pid": os.getpid(), "node_id": node_id, "builds": _BUILDS[run_key], "warmed": run_key in _WARMED}
 
 
 def client_round(
@@ -119,3 +123,20 @@ def train_task(*client_round_args: Any) -> Iterator[str | dict[str, Any] | Clien
 
 
 eval_task = ray.remote(max_calls=0)(evaluate_round)
+
+
+def warm_up(run_key: str, shared_box: list, spec: Spec) -> str | None:
+    """Import the worker side, build this process's workbench of ``run_key`` and read the
+    data, so that the first round's clients find the worker warm. Best effort: returns
+    None, or why it failed (the first client on this worker then fails and says so)."""
+    try:
+        set_threads(spec)
+        workbench(run_key, shared_box)
+        inputs.dataset_split(spec)
+        _WARMED.add(run_key)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+warm_task = ray.remote(max_calls=0, max_retries=0)(warm_up)
