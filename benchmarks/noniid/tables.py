@@ -8,6 +8,8 @@ seeds of the final, best and last-three-mean evaluation, paired differences to t
 reference), then per variant the issue's two checks: the final accuracy's margin over the
 eval set's majority class (mean over seeds), and the largest range of the last four
 evaluations over the seeds (a curve that swings less than 0.05 has a range below 0.05).
+Last, each variant without the recipe (``off-*``: fedray's defaults) against with it
+(``recipe-*``), cell by cell on the same seeds.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ import numpy as np
 
 from fedray.driver.grid import load_grid
 from fedray.tracking.comparison import comparison_table
+from fedray.tracking.stats import paired_difference, t_interval
 
 HERE = Path(__file__).resolve().parent
-#: The recipe's grids, in the order RESULTS.md shows them.
-RECIPE_GRIDS = ("recipe-rt-dir0.1", "recipe-rt-movie")
+#: The recipe's grids and the same cells without it, in the order RESULTS.md shows them.
+RECIPE_GRIDS = ("recipe-rt-dir0.1", "recipe-rt-movie", "off-rt-dir0.1", "off-rt-movie")
+#: Partition -> (grid without the recipe, grid with it): the remedy table's pairs.
+ON_OFF = {"Dirichlet 0.1": ("off-rt-dir0.1", "recipe-rt-dir0.1"), "by movie": ("off-rt-movie", "recipe-rt-movie")}
 #: Evaluations whose range counts as the curve's late swing.
 LATE_EVALUATIONS = 4
 #: Earlier sweeps of a grid whose cells count where their digest equals the grid's cell's
@@ -71,18 +76,64 @@ def _earlier(name: str, grid, have: set[str]) -> list[dict]:
     return [r for r in records if r["cell"] not in have and digests.get(r["cell"]) == mine.get(r["cell"])]
 
 
+def _late_range(record: dict) -> float:
+    late = [value for _, value in record["curve"][-LATE_EVALUATIONS:]]
+    return max(late) - min(late)
+
+
+def records_of(name: str) -> list[dict]:
+    """Every cell of grid ``name`` that has a result (an earlier sweep's where it counts)."""
+    record_file = HERE / "results" / name / "results.jsonl"
+    if not record_file.is_file():
+        return []
+    grid = load_grid(HERE / "grids" / f"{name}.yaml")
+    records = [json.loads(line) for line in record_file.read_text().splitlines()]
+    return records + _earlier(name, grid, {record["cell"] for record in records})
+
+
+def on_off(variants: tuple[str, ...]) -> list[str]:
+    """Markdown: per partition and variant, the final accuracy without and with the recipe,
+    their paired difference (by seed: the same clients each round), and each side's margin
+    over the majority class and largest late range."""
+    lines = ["| partition | variant | seeds | without | with the recipe | with − without (paired) "
+             "| margin over majority, without / with | largest range of the last 4, without / with |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for partition, (off_name, on_name) in ON_OFF.items():
+        off = {(r["variant"], r["seed"]): r for r in records_of(off_name)}
+        on = {(r["variant"], r["seed"]): r for r in records_of(on_name)}
+        for variant in variants:
+            seeds = sorted(seed for v, seed in off.keys() & on.keys() if v == variant)
+            if not seeds:
+                continue
+            without = {seed: off[variant, seed]["final"] for seed in seeds}
+            with_ = {seed: on[variant, seed]["final"] for seed in seeds}
+            difference = paired_difference(with_, without)
+            star = " *" if difference.excludes_zero else ""
+            margins = [np.mean([side[variant, seed]["final"] - side[variant, seed]["majority_rate"] for seed in seeds])
+                       for side in (off, on)]  # fmt: skip
+            ranges = [max(_late_range(side[variant, seed]) for seed in seeds) for side in (off, on)]
+            means = [t_interval(list(side.values())).text() for side in (without, with_)]
+            lines.append(
+                f"| {partition} | {variant} | {', '.join(map(str, seeds))} | {means[0]} | {means[1]} "
+                f"| {difference.text()}{star} "
+                f"| {margins[0]:+.3f} / {margins[1]:+.3f} | {ranges[0]:.3f} / {ranges[1]:.3f} |"
+            )
+    return lines
+
+
 def tables() -> str:
     out = []
     for name in RECIPE_GRIDS:
-        record_file = HERE / "results" / name / "results.jsonl"
-        if not record_file.is_file():
+        records = records_of(name)
+        if not records:
             continue
         grid = load_grid(HERE / "grids" / f"{name}.yaml")
-        records = [json.loads(line) for line in record_file.read_text().splitlines()]
-        records += _earlier(name, grid, {record["cell"] for record in records})
         out += [f"### {name} ({len(records)} of {len(grid.cells)} cells)", ""]
         out += [comparison_table(records, variants=grid.variants, reference=grid.reference), ""]
         out += [*checks(records, grid.variants), ""]
+    variants = load_grid(HERE / "grids" / f"{RECIPE_GRIDS[0]}.yaml").variants
+    out += ["### Without and with the recipe (paired by seed; * where the interval excludes zero)", ""]
+    out += [*on_off(variants), ""]
     return "\n".join(out)
 
 
