@@ -141,3 +141,28 @@ def test_a_killed_sweep_goes_on_without_rerunning_or_duplicating(tmp_path):
     children = _children(MlflowClient(tracking_uri), state["parent_run_id"])
     assert sorted(run.data.tags["cell"] for run in children) == sorted(records)
     assert {run.info.run_id for run in children} == {record["run_id"] for record in records.values()}
+
+
+def test_cells_at_once_count_gpus_too_and_every_cell_resources_are_checked(tmp_path, monkeypatch):
+    import ray
+
+    from fedray.driver import cluster
+    from fedray.driver.sweep import GAP_FILLING_CELLS, _capacity
+
+    grid = load_grid(_tiny_grid(tmp_path, "capacity"), ["resources.num_cpus=1"])
+    cpu_cell = grid.cells[0]
+    gpu_cell = load_grid(_tiny_grid(tmp_path, "capacity"), ["resources.num_cpus=1", "resources.num_gpus=0.5"]).cells[0]
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
+    # Two clients a round: 8 rounds fit in the CPUs, but one only in the GPU.
+    assert _capacity(cpu_cell, None) == 8 + GAP_FILLING_CELLS
+    assert _capacity(gpu_cell, None) == 1 + GAP_FILLING_CELLS
+    assert _capacity(gpu_cell, 1) == 1
+
+    # A local start checks what every cell asks, not only the first cell.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **options: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cluster.connect_ray(None, cpu_cell.spec, cpu_cell.spec)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0})
+    with pytest.raises(ValueError, match=r"resources.num_gpus=0.5 but this machine offers 0 GPU"):
+        cluster.connect_ray(None, cpu_cell.spec, gpu_cell.spec)

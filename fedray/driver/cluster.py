@@ -32,8 +32,10 @@ def check_services(tracking_uri: str, address: str | None) -> None:
         _check_reachable(address)
 
 
-def connect_ray(address: str | None, spec: Spec) -> None:
-    """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local one."""
+def connect_ray(address: str | None, spec: Spec, *more: Spec) -> None:
+    """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local one sized for
+    ``spec``, and check that this machine offers what ``spec`` and ``more`` (a sweep's
+    other cells) ask of a client task."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -62,12 +64,13 @@ def connect_ray(address: str | None, spec: Spec) -> None:
     )
     _restore_sigterm(on_sigterm)
     available = ray.cluster_resources()
-    for resource, wanted in (("CPU", spec.resources.num_cpus), ("GPU", spec.resources.num_gpus)):
-        if wanted > available.get(resource, 0):
-            raise ValueError(
-                f"resources.num_{resource.lower()}s={wanted} but this machine offers {available.get(resource, 0)} "
-                f"{resource}; lower it or join a larger cluster with --address"
-            )
+    for checked in (spec, *more):
+        for resource, wanted in (("CPU", checked.resources.num_cpus), ("GPU", checked.resources.num_gpus)):
+            if wanted > available.get(resource, 0):
+                raise ValueError(
+                    f"resources.num_{resource.lower()}s={wanted} but this machine offers "
+                    f"{available.get(resource, 0)} {resource}; lower it or join a larger cluster with --address"
+                )
 
 
 def _check_reachable(address: str) -> None:

@@ -110,7 +110,7 @@ def sweep(
     results = _read_results(sweep_dir / RESULTS_FILE)
     todo = [cell for cell in chosen if cell.id not in results or cell.id in again]
     if todo:
-        connect_ray(address, todo[0].spec)
+        connect_ray(address, *(cell.spec for cell in todo))  # every cell's resources checked
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not state:
         state = _start_state(sweep_dir, grid, tracking_uri, runs_root)
@@ -209,10 +209,15 @@ def _run_cells(
 
 
 def _capacity(cell: Cell, max_concurrent: int | None) -> int:
-    """How many cells like ``cell`` run at once on the cluster as it is now."""
-    resources = cell.spec.resources
-    per_cell = cell.spec.sampled_clients * resources.num_cpus
-    held = max(1, int(ray.cluster_resources().get("CPU", 1.0) // per_cell)) + GAP_FILLING_CELLS
+    """How many cells like ``cell`` run at once on the cluster as it is now: as many rounds
+    as its CPUs hold, and its GPUs where the cell's clients ask for some."""
+    resources, available = cell.spec.resources, ray.cluster_resources()
+    held = None
+    for resource, per_client in (("CPU", resources.num_cpus), ("GPU", resources.num_gpus)):
+        if per_client > 0:
+            fits = int(available.get(resource, 0.0) // (cell.spec.sampled_clients * per_client))
+            held = fits if held is None else min(held, fits)
+    held = max(1, held or 0) + GAP_FILLING_CELLS
     return held if max_concurrent is None else min(held, max_concurrent)
 
 
