@@ -7,6 +7,7 @@ would run it; the tests read the JSON it writes beside its markdown report.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,13 @@ def test_gpu_check_runs_its_smoke_mode_on_the_cpu(tmp_path):
     assert len(results["shared"]["per_process"]) == 2
     assert [row["checkpointing"] for row in results["billion"]] == [False, True]
     assert "| client | loss (device) |" in (out / "results.md").read_text()
+
+
+def test_per_client_overhead_is_the_round_less_its_clients_own_time(tmp_path):
+    results = run_smoke("per_client", tmp_path)
+    assert results["slots"] == min(results["clients_per_round"], len(os.sched_getaffinity(0)))
+    (measured,) = results["rounds"]  # 3 rounds: the first and the last are left out
+    assert measured["round"] == 1 and measured["clients"] == results["clients_per_round"]
+    expected = (measured["round_s"] - measured["client_s_sum"] / results["slots"]) / measured["clients"] * 1000
+    assert measured["client_s_sum"] > 0 and measured["per_client_ms"] == pytest.approx(expected)
+    assert results["per_client_ms"] == measured["per_client_ms"] and results["driver_rss_mib"] > 0

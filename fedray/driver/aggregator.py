@@ -186,6 +186,7 @@ class Aggregator:
             "bytes_down": float(stats.bytes_down),
             "client_s_p50": statistics.median(log.client_seconds),
             "client_s_max": max(log.client_seconds),
+            "client_s_sum": sum(log.client_seconds),
             "clients_ok": float(stats.clients_aggregated),
             "clients_failed": float(len(log.failures)),
             "updates_clipped": float(log.clipped),
