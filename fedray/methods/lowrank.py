@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedray.methods.wire import reduce_dataclass
+
 # Norms and SVDs of differences of nearly equal matrices (aggregation noise) cancel
 # badly in float32; the small cores are cheap, so the math runs in float64.
 COMPUTE_DTYPE = torch.float64
@@ -24,6 +26,9 @@ class LowRank:
 
     left: Tensor
     right: Tensor
+
+    def __reduce__(self) -> tuple:
+        return reduce_dataclass(self)  # tensors as arrays: see fedray.methods.wire
 
     def __post_init__(self) -> None:
         assert self.left.ndim == 2 and self.right.ndim == 2

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fedray.methods.lowrank import Fold, as_dense, fold_nbytes, tensor_nbytes
+from fedray.methods.wire import reduce_dataclass
 
 ClientId = int | str
 #: A client's LoRA rank: one rank for every layer, or a rank per layer.
@@ -33,6 +34,9 @@ class ClientUpdate:
     num_examples: int
     B: Mapping[str, Tensor]
     A: Mapping[str, Tensor]
+
+    def __reduce__(self) -> tuple:
+        return reduce_dataclass(self)  # tensors as arrays: see fedray.methods.wire
 
     def nbytes(self) -> int:
         return sum(tensor_nbytes(t) for t in (*self.B.values(), *self.A.values()))
@@ -80,6 +84,9 @@ class ClientInit:
     fold: Mapping[str, Fold] = field(default_factory=dict)
     #: The method's part in the client's training (an extra loss, a last step).
     hook: ClientHook = NO_HOOK
+
+    def __reduce__(self) -> tuple:
+        return reduce_dataclass(self)  # tensors as arrays: see fedray.methods.wire
 
     def layer_ranks(self) -> dict[str, int]:
         """The rank the client trains at in each layer."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedray.methods import ClientUpdate
+from fedray.methods.wire import reduce_dataclass
 
 
 @dataclass
@@ -19,3 +20,6 @@ class ClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
     #: What the method's client hook reported (e.g. HETLoRA's clients_pruned); summed over the round.
     method_metrics: dict[str, float] = field(default_factory=dict)
+
+    def __reduce__(self) -> tuple:
+        return reduce_dataclass(self)  # tensors as arrays: see fedray.methods.wire
