@@ -90,7 +90,9 @@ def test_a_worker_keeps_the_workbenches_of_its_recent_runs(monkeypatch):
     monkeypatch.setattr(tasks.ray, "get", lambda ref: ref)
     monkeypatch.setattr(tasks, "_BENCHES", OrderedDict())
     monkeypatch.setattr(tasks, "_BUILDS", {})
-    assert tasks.WORKBENCHES_PER_PROCESS == 2
+    # Eight runs a CPU worker, two a GPU one (a device copy of its base each); two here.
+    assert tasks.WORKBENCHES_PER_PROCESS == {"cpu": 8, "cuda": 2}
+    monkeypatch.setattr(tasks, "WORKBENCHES_PER_PROCESS", {"cpu": 2, "cuda": 2})
     first, second = tasks.workbench("a", ["base a"]), tasks.workbench("b", ["base b"])
     # Two runs that share the worker take turns without rebuilding their base.
     for _ in range(3):

@@ -28,9 +28,10 @@ from fedray.worker.faults import corrupt, fault_seed, inject_fault
 from fedray.worker.results import ClientResult
 from fedray.worker.workbench import Workbench
 
-#: Runs whose workbench one process keeps at once. Small: a GPU worker's workbench holds a
-#: device copy of its base, and an older run's model is of no further use.
-WORKBENCHES_PER_PROCESS = 2
+#: Runs whose workbench one process keeps at once: as many as a sweep runs cells at once on
+#: the CPU, where a workbench reads the shared base and adds ~11 MiB (MiniLM, measured); two
+#: on a GPU, where each holds a device copy of its base.
+WORKBENCHES_PER_PROCESS = {"cpu": 8, "cuda": 2}
 #: Workbenches of this process, by run key, least recently used first.
 _BENCHES: OrderedDict[str, Workbench] = OrderedDict()
 #: How many times this process built each run's base model (reported in workers.json).
@@ -45,7 +46,8 @@ def workbench(run_key: str, shared_box: list) -> Workbench:
     """This process's workbench for ``run_key``, built from the shared base on first use."""
     bench = _BENCHES.get(run_key)
     if bench is None:
-        while len(_BENCHES) >= WORKBENCHES_PER_PROCESS:
+        limit = WORKBENCHES_PER_PROCESS["cuda" if torch.cuda.is_available() else "cpu"]
+        while len(_BENCHES) >= limit:
             _BENCHES.popitem(last=False)
         bench = Workbench(ray.get(shared_box[0]))
         _BENCHES[run_key] = bench
