@@ -61,6 +61,8 @@ def test_a_grid_runs_as_child_runs_of_one_parent_with_honest_statistics(ray_sess
     grid = load_grid(_tiny_grid(tmp_path, "sweep-test"))
     with pytest.raises(SpecError, match=r"--only \*/fedit-r8/\* matches no cell of grid sweep-test"):
         sweep(grid, sweep_dir=tmp_path / "sweep", only=["*/fedit-*/*", "*/fedit-r8/*"])
+    with pytest.raises(SpecError, match=r"--again .*fedplora/s0: not among the cells --only selects"):
+        sweep(grid, sweep_dir=tmp_path / "sweep", only=["*/fedit-*/*"], again=[grid.cells[0].id])
     # Some cells first (--only), then the rest: the second call runs only what is left.
     first = sweep(grid, sweep_dir=tmp_path / "sweep", tracking_uri=tracking_uri, only=["*/fedit-*/*"])
     assert sorted(first.results) == sorted(cell.id for cell in grid.cells if cell.variant == "fedit-r4")

@@ -99,6 +99,9 @@ def sweep(
     for cell_id in again:
         grid.cell(cell_id)  # one clear error for a name the grid does not have
     chosen = _chosen(grid, only)
+    outside = [cell_id for cell_id in again if cell_id not in {cell.id for cell in chosen}]
+    if outside:
+        raise SpecError(f"--again {' '.join(outside)}: not among the cells --only selects; widen --only or drop it")
     state = _read_state(sweep_dir, grid)
     if tracking_uri is None:
         tracking_uri = state["tracking_uri"] if state else default_tracking_uri(runs_root)
