@@ -16,6 +16,7 @@ from peft import PeftModel
 
 from fedray.config import load_spec
 from fedray.data import make_batches
+from fedray.driver import rounds
 from fedray.driver.checkpoint import read_checkpoint
 from fedray.driver.lifecycle import run
 from fedray.methods import METHODS, method_from_state
@@ -53,6 +54,7 @@ TINY = [
     "train.max_seq_len=24",
     "eval.every=1",
     "eval.max_examples=32",
+    "eval.batch_size=16",  # two batches: the evaluation runs as two tasks, one per client slot
     "resources.num_cpus=0.5",
     "resources.num_gpus=0.5",
 ]
@@ -83,10 +85,14 @@ def test_a_run_of_each_method(method, ray_session, tracking_uri, tmp_path, monke
         return ref
 
     monkeypatch.setattr(ray, "put", counting_put)
+    real = rounds.classification_metrics
+    combined = []  # each evaluation: how many tasks scored a part of it
+    monkeypatch.setattr(rounds, "classification_metrics", lambda parts: combined.append(len(parts)) or real(parts))
     # HETLoRA runs with its rank self-pruning on, so a real run exercises it too.
     pruning = ["method_options.prune_weight=50", "method_options.prune_gamma=0.5"] if method == "hetlora" else []
     spec = tiny_spec(method, *pruning)
     summary = run(spec, run_dir=tmp_path / "run", tracking_uri=tracking_uri, progress=False)
+    assert combined == [2] * spec.rounds  # two client slots, two eval batches
 
     # MLflow: params, tags and every metric for every round.
     client = MlflowClient(tracking_uri)

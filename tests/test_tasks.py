@@ -16,7 +16,7 @@ from fedray.config import load_spec
 from fedray.driver.prepare import prepare
 from fedray.methods import create_method
 from fedray.models import export_base, head_state, target_layers
-from fedray.worker import tasks
+from fedray.worker import evaluation, tasks
 from fedray.worker.faults import InjectedFault
 from fedray.worker.results import ClientResult
 
@@ -82,6 +82,23 @@ def test_the_eval_task_scores_the_global_model_on_the_eval_set(setup):
     # Independently: 16 examples, so accuracy is a multiple of 1/16.
     assert len(inputs.eval_set(spec, inputs.dataset_split(spec))) == 16
     assert (metrics["eval_accuracy"] * 16).is_integer()
+
+
+def test_an_evaluation_split_into_parts_scores_what_the_whole_does(setup):
+    spec, prepared, shared_ref, method = setup
+    spec = spec.model_copy(update={"eval": spec.eval.model_copy(update={"batch_size": 4})})  # 4 batches of 16
+    torch.manual_seed(0)
+    delta = {layer: 0.05 * torch.randn_like(value) for layer, value in method.global_delta().items()}
+    state = (delta, head_state(prepared.base.model))
+    whole = ray.get(tasks.eval_task.options(num_cpus=1).remote("test-tasks", [shared_ref], state, spec))
+    for count in (2, 3, 5):  # 5: one part has no batch at all
+        parts = [
+            tasks.eval_task.options(num_cpus=1).remote("test-tasks", [shared_ref], state, spec, (index, count))
+            for index in range(count)
+        ]
+        split = evaluation.classification_metrics(ray.get(parts))
+        assert split["eval_accuracy"] == whole["eval_accuracy"] and split["eval_f1_macro"] == whole["eval_f1_macro"]
+        assert split["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-12)
 
 
 def test_a_worker_keeps_the_workbenches_of_its_recent_runs(monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import uuid
 from collections.abc import Mapping
@@ -222,13 +223,27 @@ def _warm_workers(spec: Spec, shared: _Shared) -> None:
     the model stack, build their workbench and read the data while the driver creates the
     MLflow run and the aggregation actor, instead of in the first round. Not waited for."""
     resources = {"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus}
+    for _ in range(_client_slots(spec)):
+        warm_task.options(**resources).remote(shared.run_key, [shared.ref], spec)
+
+
+def _client_slots(spec: Spec) -> int:
+    """Client tasks of ``spec`` the cluster runs at once now (at most a round's clients)."""
     available = ray.cluster_resources()
     slots = spec.sampled_clients
     for resource, wanted in (("CPU", spec.resources.num_cpus), ("GPU", spec.resources.num_gpus)):
         if wanted > 0:
             slots = min(slots, int(available.get(resource, 0) / wanted))
-    for _ in range(slots):
-        warm_task.options(**resources).remote(shared.run_key, [shared.ref], spec)
+    return max(1, slots)
+
+
+def _eval_parts(spec: Spec, prepared: Prepared) -> int:
+    """How many tasks a classification evaluation is split into: one per client slot, at
+    most one per batch. Generation is scored in one task."""
+    if prepared.task != "classification":
+        return 1
+    batches = math.ceil(len(inputs.eval_set(spec, prepared.split)) / spec.eval.batch_size)
+    return max(1, min(_client_slots(spec), batches))
 
 
 def _execute(
@@ -259,6 +274,7 @@ def _execute(
             tracker=tracker,
             run_key=shared.run_key,
             remote=remote,
+            eval_parts=_eval_parts(spec, prepared),
         )
         metric_name = EVAL_METRICS[prepared.task]
         where = remote or run_dir

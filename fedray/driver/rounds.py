@@ -25,6 +25,7 @@ from fedray.driver.checkpoint import write_checkpoint
 from fedray.driver.sampling import client_seed, sample_clients
 from fedray.driver.storage import RemoteRunDir
 from fedray.tracking.store import Tracker
+from fedray.worker.evaluation import classification_metrics
 from fedray.worker.tasks import eval_task, train_task
 
 #: How often the driver looks at running client tasks (progress, timeouts).
@@ -57,6 +58,9 @@ class RunContext:
     run_key: str
     #: Where the run directory lives when it is not local (run_dir is then its staging folder).
     remote: RemoteRunDir | None = None
+    #: Evaluation tasks a round's evaluation is split into (classification: one per client
+    #: slot, each scoring every k-th batch), combined on the driver.
+    eval_parts: int = 1
 
     @property
     def resources(self) -> dict[str, float]:
@@ -104,7 +108,7 @@ def play_round(run: RunContext, round_index: int, show: Show) -> dict[str, Any]:
     metrics["client_retries"] = float(sum(len(reasons) for reasons in retried.values()))
     if round_index == spec.rounds - 1 or (round_index + 1) % spec.eval.every == 0:
         state_ref = run.aggregator.global_state.remote()
-        metrics |= ray.get(eval_task.options(**run.resources).remote(run.run_key, [run.shared_ref], state_ref, spec))
+        metrics |= _evaluate(run, state_ref)
     metrics["round_s"] = time.perf_counter() - started
     record = {"round": round_index, "clients": sampled, **metrics, "failures": failures, "retries": retried}
     method_state, head, server_state = ray.get(run.aggregator.state.remote())
@@ -191,6 +195,16 @@ def _run_clients(
         show(f"round {round_index + 1}: clients {finished}/{len(inits)}")
     ray.get(acknowledgements)
     return retried
+
+
+def _evaluate(run: RunContext, state_ref) -> dict[str, float]:
+    """The global model's metrics, from one evaluation task or from ``run.eval_parts`` at once."""
+    launch = eval_task.options(**run.resources).remote
+    if run.eval_parts == 1:
+        return ray.get(launch(run.run_key, [run.shared_ref], state_ref, run.spec))
+    count = run.eval_parts
+    parts = [launch(run.run_key, [run.shared_ref], state_ref, run.spec, (index, count)) for index in range(count)]
+    return classification_metrics(ray.get(parts))
 
 
 def failure_reason(error: BaseException) -> str:

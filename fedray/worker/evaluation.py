@@ -3,7 +3,8 @@ ROUGE-L of greedy continuations for generation."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -12,11 +13,18 @@ from fedray.config import EvalSpec
 from fedray.data import TextDataset
 
 
-def classification_metrics(model: torch.nn.Module, batches: Iterable[dict], device: torch.device) -> dict[str, float]:
-    # Here, not at the top: scikit-learn and SciPy add seconds to every worker's start,
-    # and most workers only train.
-    from sklearn.metrics import f1_score
+@dataclass(frozen=True)
+class ClassificationOutputs:
+    """What scoring some batches leaves: each example's prediction and label, the summed loss."""
 
+    predictions: np.ndarray
+    labels: np.ndarray
+    loss_sum: float
+
+
+def classification_outputs(
+    model: torch.nn.Module, batches: Iterable[dict], device: torch.device
+) -> ClassificationOutputs:
     losses, predictions, labels = [], [], []
     for batch in batches:
         batch = {key: value.to(device) for key, value in batch.items()}
@@ -24,11 +32,22 @@ def classification_metrics(model: torch.nn.Module, batches: Iterable[dict], devi
         losses.append(float(output.loss) * len(batch["labels"]))
         predictions.append(output.logits.argmax(dim=-1).cpu())
         labels.append(batch["labels"].cpu())
-    predicted, truth = torch.cat(predictions).numpy(), torch.cat(labels).numpy()
+    return ClassificationOutputs(torch.cat(predictions).numpy(), torch.cat(labels).numpy(), sum(losses))
+
+
+def classification_metrics(parts: Sequence[ClassificationOutputs]) -> dict[str, float]:
+    """Accuracy, macro F1 and mean loss over the examples of ``parts`` (an evaluation set
+    scored in one task, or split into batches scored by several)."""
+    # Here, not at the top: scikit-learn and SciPy add seconds to every worker's start,
+    # and most workers only train.
+    from sklearn.metrics import f1_score
+
+    predicted = np.concatenate([part.predictions for part in parts])
+    truth = np.concatenate([part.labels for part in parts])
     return {
         "eval_accuracy": float((predicted == truth).mean()),
         "eval_f1_macro": float(f1_score(truth, predicted, average="macro")),
-        "eval_loss": sum(losses) / len(truth),
+        "eval_loss": sum(part.loss_sum for part in parts) / len(truth),
     }
 
 

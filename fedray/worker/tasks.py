@@ -24,6 +24,7 @@ import torch
 from fedray import inputs
 from fedray.config import Spec
 from fedray.methods import ClientInit
+from fedray.worker.evaluation import ClassificationOutputs
 from fedray.worker.faults import corrupt, fault_seed, inject_fault
 from fedray.worker.results import ClientResult
 from fedray.worker.workbench import Workbench
@@ -100,12 +101,19 @@ def evaluate_round(
     shared_box: list,
     state: tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor] | None],
     spec: Spec,
-) -> dict[str, float]:
-    """Metrics of the global model ``state = (global_delta, head)`` on the server's test set."""
+    part: tuple[int, int] | None = None,
+) -> dict[str, float] | ClassificationOutputs:
+    """Metrics of the global model ``state = (global_delta, head)`` on the server's test set;
+    with ``part = (index, count)`` (classification), that part's predictions, which the
+    driver combines with the other parts' (``evaluation.classification_metrics``)."""
     set_threads(spec)
     bench = workbench(run_key, shared_box)
     global_delta, head = state
     eval_set = inputs.eval_set(spec, inputs.dataset_split(spec))
+    if part is not None:
+        return bench.classification_outputs(
+            global_delta, eval_set, spec.eval, max_seq_len=spec.train.max_seq_len, head=head, part=part
+        )
     return bench.evaluate(global_delta, eval_set, spec.eval, max_seq_len=spec.train.max_seq_len, head=head)
 
 

@@ -136,19 +136,53 @@ class Workbench:
         head: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, float]:
         """Metrics of the global model (W0 + global delta, global head) on ``dataset``."""
-        if len(dataset) == 0:
-            raise ValueError("the evaluation set is empty; raise eval.max_examples or test_fraction")
+        if self.task == "classification":
+            outputs = self.classification_outputs(global_delta, dataset, settings, max_seq_len=max_seq_len, head=head)
+            return evaluation.classification_metrics([outputs])
+        self._check_not_empty(dataset)
         with self.patched(global_delta, head):
             self.model.eval()
             indices = np.arange(len(dataset))
             batches = make_batches(
                 self.tokenizer, dataset, indices, batch_size=settings.batch_size, max_seq_len=max_seq_len
             )
-            if self.task == "classification":
-                return evaluation.classification_metrics(self.model, batches, self.device)
             return evaluation.generation_metrics(
                 self.model, self.tokenizer, batches, dataset, settings, max_seq_len, self.device
             )
+
+    @torch.no_grad()
+    def classification_outputs(
+        self,
+        global_delta: Mapping[str, torch.Tensor],
+        dataset: TextDataset,
+        settings: EvalSpec,
+        *,
+        max_seq_len: int,
+        head: Mapping[str, torch.Tensor] | None = None,
+        part: tuple[int, int] = (0, 1),
+    ) -> evaluation.ClassificationOutputs:
+        """The global model's predictions on part ``index`` of ``count`` of ``dataset``'s
+        evaluation batches (batches ``index``, ``index + count``, ...): the batches are those
+        of the whole set, so parts scored apart give what the whole gives."""
+        self._check_not_empty(dataset)
+        index, count = part
+        size = settings.batch_size
+        indices = np.arange(len(dataset))
+        mine = [indices[start : start + size] for start in range(index * size, len(dataset), count * size)]
+        if not mine:  # more parts than batches
+            nothing = np.empty(0, dtype=np.int64)
+            return evaluation.ClassificationOutputs(nothing, nothing, 0.0)
+        with self.patched(global_delta, head):
+            self.model.eval()
+            batches = make_batches(
+                self.tokenizer, dataset, np.concatenate(mine), batch_size=size, max_seq_len=max_seq_len
+            )
+            return evaluation.classification_outputs(self.model, batches, self.device)
+
+    @staticmethod
+    def _check_not_empty(dataset: TextDataset) -> None:
+        if len(dataset) == 0:
+            raise ValueError("the evaluation set is empty; raise eval.max_examples or test_fraction")
 
     @contextmanager
     def patched(self, deltas: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor] | None):
