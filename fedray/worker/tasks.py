@@ -108,13 +108,14 @@ def evaluate_round(
     driver combines with the other parts' (``evaluation.classification_metrics``)."""
     set_threads(spec)
     bench = workbench(run_key, shared_box)
-    global_delta, head = state
     eval_set = inputs.eval_set(spec, inputs.dataset_split(spec))
+    max_seq_len = spec.train.max_seq_len
     if part is not None:
         return bench.classification_outputs(
-            global_delta, eval_set, spec.eval, max_seq_len=spec.train.max_seq_len, head=head, part=part
+            state, eval_set, batch_size=spec.eval.batch_size, max_seq_len=max_seq_len, part=part
         )
-    return bench.evaluate(global_delta, eval_set, spec.eval, max_seq_len=spec.train.max_seq_len, head=head)
+    global_delta, head = state
+    return bench.evaluate(global_delta, eval_set, spec.eval, max_seq_len=max_seq_len, head=head)
 
 
 @ray.remote(max_calls=0, max_retries=0)

@@ -137,7 +137,9 @@ class Workbench:
     ) -> dict[str, float]:
         """Metrics of the global model (W0 + global delta, global head) on ``dataset``."""
         if self.task == "classification":
-            outputs = self.classification_outputs(global_delta, dataset, settings, max_seq_len=max_seq_len, head=head)
+            outputs = self.classification_outputs(
+                (global_delta, head), dataset, batch_size=settings.batch_size, max_seq_len=max_seq_len
+            )
             return evaluation.classification_metrics([outputs])
         self._check_not_empty(dataset)
         with self.patched(global_delta, head):
@@ -153,20 +155,21 @@ class Workbench:
     @torch.no_grad()
     def classification_outputs(
         self,
-        global_delta: Mapping[str, torch.Tensor],
+        state: tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor] | None],
         dataset: TextDataset,
-        settings: EvalSpec,
         *,
+        batch_size: int,
         max_seq_len: int,
-        head: Mapping[str, torch.Tensor] | None = None,
         part: tuple[int, int] = (0, 1),
     ) -> evaluation.ClassificationOutputs:
         """The global model's predictions on part ``index`` of ``count`` of ``dataset``'s
         evaluation batches (batches ``index``, ``index + count``, ...): the batches are those
-        of the whole set, so parts scored apart give what the whole gives."""
+        of the whole set, so parts scored apart give what the whole gives. ``state`` is
+        ``(global_delta, head)``."""
         self._check_not_empty(dataset)
+        global_delta, head = state
         index, count = part
-        size = settings.batch_size
+        size = batch_size
         indices = np.arange(len(dataset))
         mine = [indices[start : start + size] for start in range(index * size, len(dataset), count * size)]
         if not mine:  # more parts than batches
