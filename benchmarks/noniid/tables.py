@@ -58,8 +58,7 @@ def checks(records: list[dict], variants: tuple[str, ...]) -> list[str]:
         if not mine:
             continue
         margins = [r["final"] - r["majority_rate"] for r in mine]
-        ranges = [max(v for _, v in r["curve"][-LATE_EVALUATIONS:]) - min(v for _, v in r["curve"][-LATE_EVALUATIONS:])
-                  for r in mine]  # fmt: skip
+        ranges = [_late_range(r) for r in mine]
         finals = ", ".join(f"{r['final']:.3f}" for r in mine)
         lines.append(f"| {variant} | {len(mine)} | {np.mean(margins):+.3f} | {finals} | {max(ranges):.3f} |")
     return lines

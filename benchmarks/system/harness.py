@@ -29,6 +29,7 @@ from start_line import StartLine
 
 from fedray import inputs
 from fedray.config import Spec, load_spec
+from fedray.driver.cluster import task_resources
 from fedray.driver.prepare import Prepared, prepare
 from fedray.driver.sampling import client_seed
 from fedray.methods import ClientInit, Method, create_method
@@ -239,11 +240,6 @@ def with_resources(spec: Spec, num_cpus: float, num_gpus: float = 0.0) -> Spec:
     """``spec`` with its client tasks asking for ``num_cpus`` and ``num_gpus``."""
     resources = spec.resources.model_copy(update={"num_cpus": num_cpus, "num_gpus": num_gpus})
     return spec.model_copy(update={"resources": resources})
-
-
-def task_resources(spec: Spec) -> dict[str, float]:
-    """The Ray options fedray's server gives a client task of ``spec``."""
-    return {"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus}
 
 
 @ray.remote(max_calls=0)

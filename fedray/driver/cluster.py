@@ -73,6 +73,18 @@ def connect_ray(address: str | None, spec: Spec, *more: Spec) -> None:
                 )
 
 
+def task_resources(spec: Spec) -> dict[str, float]:
+    """The Ray resources of one client (or evaluation) task of ``spec``."""
+    return {"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus}
+
+
+def tasks_that_fit(spec: Spec) -> int:
+    """How many client tasks of ``spec`` the cluster's resources hold at once now."""
+    available = ray.cluster_resources()
+    wanted = {"CPU": spec.resources.num_cpus, "GPU": spec.resources.num_gpus}
+    return min(int(available.get(name, 0.0) / amount) for name, amount in wanted.items() if amount > 0)
+
+
 def _check_reachable(address: str) -> None:
     """Fail within seconds if nothing listens at a ``host:port`` Ray address."""
     host, _, port = address.removeprefix("ray://").rpartition(":")

@@ -31,7 +31,7 @@ from fedray.config import Spec, SpecError, load_spec
 from fedray.driver import outputs
 from fedray.driver.aggregator import Aggregator
 from fedray.driver.checkpoint import CHECKPOINT_DIR, LATEST, Checkpoint, read_checkpoint
-from fedray.driver.cluster import check_services, connect_ray
+from fedray.driver.cluster import check_services, connect_ray, task_resources, tasks_that_fit
 from fedray.driver.outputs import RunSummary
 from fedray.driver.prepare import Prepared, prepare
 from fedray.driver.rounds import RunContext, RunFailed, play_round
@@ -222,19 +222,13 @@ def _warm_workers(spec: Spec, shared: _Shared) -> None:
     """One warm-up task per client slot of a round: the worker processes import torch and
     the model stack, build their workbench and read the data while the driver creates the
     MLflow run and the aggregation actor, instead of in the first round. Not waited for."""
-    resources = {"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus}
     for _ in range(_client_slots(spec)):
-        warm_task.options(**resources).remote(shared.run_key, [shared.ref], spec)
+        warm_task.options(**task_resources(spec)).remote(shared.run_key, [shared.ref], spec)
 
 
 def _client_slots(spec: Spec) -> int:
     """Client tasks of ``spec`` the cluster runs at once now (at most a round's clients)."""
-    available = ray.cluster_resources()
-    slots = spec.sampled_clients
-    for resource, wanted in (("CPU", spec.resources.num_cpus), ("GPU", spec.resources.num_gpus)):
-        if wanted > 0:
-            slots = min(slots, int(available.get(resource, 0) / wanted))
-    return max(1, slots)
+    return max(1, min(spec.sampled_clients, tasks_that_fit(spec)))
 
 
 def _eval_parts(spec: Spec, prepared: Prepared) -> int:

@@ -22,6 +22,7 @@ from fedray.config import Spec
 from fedray.driver import outputs
 from fedray.driver.aggregator import TooFewClients
 from fedray.driver.checkpoint import write_checkpoint
+from fedray.driver.cluster import task_resources
 from fedray.driver.sampling import client_seed, sample_clients
 from fedray.driver.storage import RemoteRunDir
 from fedray.tracking.store import Tracker
@@ -64,7 +65,7 @@ class RunContext:
 
     @property
     def resources(self) -> dict[str, float]:
-        return {"num_cpus": self.spec.resources.num_cpus, "num_gpus": self.spec.resources.num_gpus}
+        return task_resources(self.spec)
 
 
 @dataclass

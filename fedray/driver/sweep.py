@@ -26,14 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from fedray import inputs
 from fedray.config import SpecError
 from fedray.driver.checkpoint import atomic_write
-from fedray.driver.cluster import check_services, connect_ray
+from fedray.driver.cluster import check_services, connect_ray, tasks_that_fit
 from fedray.driver.grid import Cell, Grid, grid_digest
 from fedray.driver.lifecycle import resume, run, saved_checkpoint
 from fedray.driver.outputs import METRICS_FILE
@@ -213,14 +212,8 @@ def _run_cells(
 
 def _capacity(cell: Cell, max_concurrent: int | None) -> int:
     """How many cells like ``cell`` run at once on the cluster as it is now: as many rounds
-    as its CPUs hold, and its GPUs where the cell's clients ask for some."""
-    resources, available = cell.spec.resources, ray.cluster_resources()
-    held = None
-    for resource, per_client in (("CPU", resources.num_cpus), ("GPU", resources.num_gpus)):
-        if per_client > 0:
-            fits = int(available.get(resource, 0.0) // (cell.spec.sampled_clients * per_client))
-            held = fits if held is None else min(held, fits)
-    held = max(1, held or 0) + GAP_FILLING_CELLS
+    of its clients as its CPUs (and GPUs, where they ask for some) hold."""
+    held = max(1, tasks_that_fit(cell.spec) // cell.spec.sampled_clients) + GAP_FILLING_CELLS
     return held if max_concurrent is None else min(held, max_concurrent)
 
 
