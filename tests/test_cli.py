@@ -4,6 +4,7 @@ before any compute or any file is written."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from fedray.cli import EXIT_BAD_INPUT, main
+from fedray.config import load_spec
+from tests.test_reliability import expected_faults
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
@@ -61,14 +64,12 @@ def test_report_without_a_store_exits_2_and_creates_none(capsys, tmp_path):
     assert not store.exists()
 
 
-def test_unreachable_tracking_server_fails_fast(tmp_path):
-    command = [
-        sys.executable, "-m", "fedray.cli", "run", str(JOBS / "quickstart.yaml"),
-        "--tracking-uri", "http://127.0.0.1:9", "--run-dir", str(tmp_path / "run"), "--quiet",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert done.returncode == EXIT_BAD_INPUT
-    assert "the MLflow server at http://127.0.0.1:9 does not answer" in done.stderr
+def test_unreachable_tracking_server_fails_fast(capsys, tmp_path):
+    done = _here(
+        capsys, "run", str(JOBS / "quickstart.yaml"), "--tracking-uri", "http://127.0.0.1:9",
+        "--run-dir", str(tmp_path / "run"), "--quiet",
+    )  # fmt: skip
+    _one_line_error(done, "the MLflow server at http://127.0.0.1:9 does not answer")
     assert not (tmp_path / "run").exists()
 
 
@@ -89,12 +90,23 @@ TINY = [
     "eval.max_examples=16",
     "name=first-hour",
 ]
+#: Four half-CPU clients a round.
+FRACTIONAL = ["clients_per_round=4", "resources.num_cpus=0.5"]
+#: Seconds an injected stall holds a client while the round's others are done.
+STALL_S = 3
 
 
 def _fedray(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """The real command, its output not a terminal (as in a log file or under ray job submit)."""
     command = [sys.executable, "-m", "fedray.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def _here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The command in this process (seconds saved on imports); a few tests keep the real one."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
 def _one_line_error(done: subprocess.CompletedProcess, *parts: str) -> None:
@@ -111,13 +123,21 @@ def test_a_run_in_a_log_file_has_a_line_per_round_and_its_summary_on_stdout(tmp_
     (run_dir / "spec.yaml").write_text("left: over\n")
     (run_dir / "partition.json").write_text("[]")
     tracking_uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    # Four half-CPU clients a round on the local Ray that `fedray run` starts. Ray keeps one
+    # idle worker per CPU and kills the rest within a second; a stalled client (an injected
+    # delay) leaves the others idle for seconds, and a killed worker would build the base again.
+    fractional = [*FRACTIONAL, "faults.delay_prob=0.1", f"faults.delay_s={STALL_S}"]
+    spec = load_spec(JOBS / "quickstart.yaml", [*TINY, *fractional])
+    stalled = [counts["delay"] for counts in expected_faults(spec, 2)]
+    assert 0 < stalled[0] < 4, stalled  # in round 0, before round 1 needs the workers again
     done = _fedray(
-        "run", str(JOBS / "quickstart.yaml"), *TINY, "--run-dir", str(run_dir), "--tracking-uri", tracking_uri
-    )
+        "run", str(JOBS / "quickstart.yaml"), *TINY, *fractional, "--run-dir", str(run_dir), "--tracking-uri",
+        tracking_uri,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
 
     rounds = [line for line in done.stderr.splitlines() if line.startswith("round ")]
-    assert len(rounds) == 2 and rounds[0].startswith("round 1/2: 2 clients ok, 0 failed, eval_accuracy=")
+    assert len(rounds) == 2 and rounds[0].startswith("round 1/2: 4 clients ok, 0 failed, eval_accuracy=")
     assert rounds[1].startswith("round 2/2: ") and rounds[1].endswith(" s")
     # Nothing from the libraries before the first useful line.
     assert done.stderr.startswith("fedray: run "), done.stderr[:2000]
@@ -129,6 +149,12 @@ def test_a_run_in_a_log_file_has_a_line_per_round_and_its_summary_on_stdout(tmp_
     assert f"run directory: {run_dir}" in lines
     assert f"open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri}" in lines
     assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "spec.yaml").read_text() != "left: over\n"
+    # One worker per client that fits, each built its workbench once, in a warm-up task
+    # while the driver created the MLflow run.
+    workers = json.loads((run_dir / "workers.json").read_text())
+    at_once = min(4, int((os.cpu_count() or 1) / 0.5))
+    assert len(workers) <= at_once and all(worker["builds"] == 1 for worker in workers.values()), workers
+    assert all(worker["warmed"] for worker in workers.values()), workers
 
     # MLflow: the classic view, the seed as a tag, the effective label, a telling run name.
     from mlflow.tracking import MlflowClient
@@ -140,15 +166,15 @@ def test_a_run_in_a_log_file_has_a_line_per_round_and_its_summary_on_stdout(tmp_
     assert mlflow_run.data.tags["seed"] == "0" and mlflow_run.data.params["label"] == "fedplora"
     assert mlflow_run.info.run_name == "fedplora-s0-mine"
 
-    # --json and --quiet: no progress, the summary still on stdout.
-    again = _fedray(
-        "run", str(JOBS / "quickstart.yaml"), *TINY, "rounds=1", "--run-dir", str(tmp_path / "runs" / "json"),
-        "--tracking-uri", tracking_uri, "--quiet", "--json",
-    )  # fmt: skip
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "round 1/1" not in again.stderr
-    summary = json.loads(again.stdout)
-    assert summary["run_dir"] == str(tmp_path / "runs" / "json") and "eval_accuracy" in summary["final_metrics"]
+
+def test_quiet_json_prints_only_the_summary(ray_session, tracking_uri, tmp_path, capsys):
+    run_dir = tmp_path / "json"
+    command = ["run", str(JOBS / "quickstart.yaml"), *TINY, "rounds=1", "resources.num_cpus=0.5"]
+    assert main([*command, "--run-dir", str(run_dir), "--tracking-uri", tracking_uri, "--quiet", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "round 1/1" not in err
+    summary = json.loads(out)
+    assert summary["run_dir"] == str(run_dir) and "eval_accuracy" in summary["final_metrics"]
 
 
 @pytest.mark.parametrize(
@@ -159,10 +185,9 @@ def test_a_run_in_a_log_file_has_a_line_per_round_and_its_summary_on_stdout(tmp_
         ("sqlite:////typo/dir/x.db", "the folder /typo/dir of tracking URI 'sqlite:////typo/dir/x.db' does not exist"),
     ],
 )
-def test_a_bad_tracking_uri_is_one_sentence_and_writes_nothing(tmp_path, tracking_uri, message):
-    done = _fedray(
-        "run", str(JOBS / "quickstart.yaml"), "--run-dir", "run", "--tracking-uri", tracking_uri, cwd=tmp_path
-    )
+def test_a_bad_tracking_uri_is_one_sentence_and_writes_nothing(capsys, monkeypatch, tmp_path, tracking_uri, message):
+    monkeypatch.chdir(tmp_path)
+    done = _here(capsys, "run", str(JOBS / "quickstart.yaml"), "--run-dir", "run", "--tracking-uri", tracking_uri)
     _one_line_error(done, message)
     assert list(tmp_path.iterdir()) == [] and not Path("/typo").exists()
 
@@ -191,15 +216,16 @@ def test_a_spec_typo_fails_before_the_driver_is_imported():
     assert done.stdout.strip() == f"{EXIT_BAD_INPUT} []", done.stderr[-2000:]
 
 
-def test_resume_misuse_gets_one_sentence(tmp_path):
+def test_resume_misuse_gets_one_sentence(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("not a run")
-    _one_line_error(_fedray("run", "--resume", str(tmp_path)), "is not a fedray run directory")
-    _one_line_error(_fedray("run", str(JOBS / "quickstart.yaml"), "--resume", str(tmp_path)), "--resume takes no spec")
+    _one_line_error(_here(capsys, "run", "--resume", str(tmp_path)), "is not a fedray run directory")
+    misuse = _here(capsys, "run", str(JOBS / "quickstart.yaml"), "--resume", str(tmp_path))
+    _one_line_error(misuse, "--resume takes no spec")
 
 
-def test_partition_options_that_do_not_fit_name_the_fix():
+def test_partition_options_that_do_not_fit_name_the_fix(capsys):
     _one_line_error(
-        _fedray("run", str(JOBS / "quickstart.yaml"), "partition=iid"),
+        _here(capsys, "run", str(JOBS / "quickstart.yaml"), "partition=iid"),
         "partition_options do not fit partition=iid",
         "partition_options={}",
     )

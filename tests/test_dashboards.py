@@ -1,9 +1,10 @@
-"""The Grafana dashboard queries metrics that a live fedray run really exports.
+"""A fedray job submitted with `ray job submit` to a local Ray head with metrics export, as
+a cluster user runs it: the job succeeds, and the Grafana dashboard queries metrics that the
+live run really exports.
 
-A short run on a local Ray head with metrics export on; the nodes' metrics endpoints are
-found through Ray's Prometheus service-discovery file, as dashboards/prometheus.yml does,
-and scraped over plain HTTP. When Debian's `prometheus` is installed, a real Prometheus
-scrapes the run too and answers every panel's query.
+The nodes' metrics endpoints are found through Ray's Prometheus service-discovery file, as
+dashboards/prometheus.yml does, and scraped over plain HTTP. When Debian's `prometheus` is
+installed, a real Prometheus scrapes the run too and answers every panel's query.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import yaml
 from local_cluster import BIN, REPO, LocalCluster, free_port, local_cluster
 from mlflow.tracking import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
+from ray.job_submission import JobStatus, JobSubmissionClient
 from test_multinode import RUN_TIMEOUT_S, TINY_RUN
 
 DASHBOARD = REPO / "dashboards" / "grafana" / "fedray.json"
@@ -183,6 +185,10 @@ class LiveRun:
     #: Unix time the job started, for range queries.
     started_s: float
     prometheus_url: str | None
+    run_dir: Path
+    #: The submitted job's status once the run ended.
+    job_status: str
+    tracking_uri: str
 
 
 def _gpus_here() -> bool:
@@ -196,16 +202,19 @@ def _expected_names() -> set[str]:
 
 @pytest.fixture(scope="module")
 def live_run(tmp_path_factory, tracking_uri) -> Iterator[LiveRun]:
-    """A two-round CLI run on a local head with metrics export, scraped during and after the run."""
+    """A two-round run submitted as a Ray job to a local head with metrics export, scraped
+    during and after the run."""
     workdir = tmp_path_factory.mktemp("dashboards")
+    run_dir = workdir / "run"
     with local_cluster([2], dashboard=True) as cluster:
         scraper = Scraper(cluster)
         _wait_for_node_targets(scraper)
         prometheus = _start_prometheus(cluster, workdir) if shutil.which("prometheus") else None
         try:
             command = [
-                str(BIN / "fedray"), "run", "jobs/quickstart.yaml", "name=dashboards", *TINY_RUN, "--quiet",
-                "--address", cluster.address, "--run-dir", str(workdir / "run"), "--tracking-uri", tracking_uri,
+                str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO),
+                "--", "fedray", "run", "jobs/quickstart.yaml", "name=dashboards", *TINY_RUN, "--quiet",
+                "--run-dir", str(run_dir), "--tracking-uri", tracking_uri,
             ]  # fmt: skip
             log = workdir / "fedray.log"
             started_s = time.time()
@@ -219,10 +228,11 @@ def live_run(tmp_path_factory, tracking_uri) -> Iterator[LiveRun]:
                     job.kill()
                 job.wait()
             assert job.returncode == 0, log.read_text()[-3000:]
+            (submitted,) = JobSubmissionClient(cluster.dashboard_url).list_jobs()
             client = MlflowClient(tracking_uri)
             (mlflow_run,) = client.search_runs([client.get_experiment_by_name("dashboards").experiment_id])
             run_id = mlflow_run.info.run_id
-            rounds = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+            rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             # Ray's agents publish what the run recorded last within a report interval or two.
             deadline = time.monotonic() + PUBLISH_TIMEOUT_S
             while time.monotonic() < deadline:
@@ -231,7 +241,10 @@ def live_run(tmp_path_factory, tracking_uri) -> Iterator[LiveRun]:
                 if _expected_names() <= set(scraper.samples) and rounds_done == [len(rounds)]:
                     break
                 time.sleep(SCRAPE_EVERY_S)
-            yield LiveRun(run_id, rounds, scraper, started_s, prometheus[1] if prometheus else None)
+            yield LiveRun(
+                run_id, rounds, scraper, started_s, prometheus[1] if prometheus else None, run_dir,
+                submitted.status, tracking_uri,
+            )  # fmt: skip
         finally:
             if prometheus:
                 prometheus[0].kill()
@@ -262,6 +275,14 @@ def _start_prometheus(cluster: LocalCluster, workdir: Path) -> tuple[subprocess.
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return process, f"http://{address}"
+
+
+def test_ray_job_submit_runs_a_fedray_job(live_run):
+    assert live_run.job_status == JobStatus.SUCCEEDED
+    mlflow_run = MlflowClient(live_run.tracking_uri).get_run(live_run.run_id)
+    assert mlflow_run.info.status == "FINISHED" and "eval_accuracy" in mlflow_run.data.metrics
+    for output in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "workers.json"):
+        assert (live_run.run_dir / output).is_file(), output
 
 
 def test_every_metric_the_dashboard_queries_is_exported(live_run):

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -164,20 +161,3 @@ def test_fedplora_run_draws_the_module_similarity(ray_session, tracking_uri, tmp
     image = summary.run_dir / "module_similarity.png"
     assert image.stat().st_size > 1000
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_a_local_run_of_fractional_cpu_clients_keeps_one_worker_per_client(tmp_path, tracking_uri):
-    # Four half-CPU clients a round on the local Ray that `fedray run` starts: Ray's default
-    # keeps one idle worker per CPU and would start (and build the base in) new ones each round.
-    overrides = [*TINY, "clients_per_round=4", "resources.num_gpus=0", "method=fedplora", "name=test-pool"]
-    # Seconds of evaluation on one worker: the other three sit idle long enough to be killed.
-    overrides += ["dataset_options.max_examples=2000", "eval.max_examples=300"]
-    command = [sys.executable, "-m", "fedray.cli", "run", "jobs/quickstart.yaml", *overrides, "--quiet"]
-    command += ["--run-dir", str(tmp_path / "run"), "--tracking-uri", tracking_uri]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    workers = json.loads((tmp_path / "run" / "workers.json").read_text())
-    at_once = min(4, int((os.cpu_count() or 1) / 0.5))
-    assert len(workers) <= at_once and all(worker["builds"] == 1 for worker in workers.values()), workers
-    # Warm-up tasks built those workbenches while the driver created the MLflow run.
-    assert all(worker["warmed"] for worker in workers.values()), workers

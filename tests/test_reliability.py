@@ -1,6 +1,6 @@
-"""Reliability: exact resume after a stop, client faults, bad updates, Ctrl-C, clear errors.
+"""Reliability: exact resume after a stop, client faults, bad updates, SIGTERM and Ctrl-C, clear errors.
 
-(A SIGKILLed run resumed from the command line: ``tests/test_durability.py``, on S3.)"""
+(A SIGKILLed run resumed with --resume-if-exists: ``tests/test_durability.py``, on S3.)"""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from fedray.cli import main
 from fedray.config import SpecError, load_spec
 from fedray.driver import rounds
 from fedray.driver.checkpoint import read_checkpoint
@@ -153,7 +154,7 @@ def test_resume_refuses_a_changed_spec_and_extends_rounds_when_allowed(ray_sessi
     assert [step for step, _ in _history(tracking_uri, summary.run_id, "clients_ok")] == [0, 1]
 
 
-def _expected_faults(spec, rounds: int) -> list[dict[str, int]]:
+def expected_faults(spec, rounds: int) -> list[dict[str, int]]:
     """Per round, how many of the sampled clients the seeded fault draws hit, by kind."""
     faults = spec.faults
     edges = np.cumsum([faults.raise_prob, faults.kill_prob, faults.delay_prob, faults.corrupt_prob])
@@ -190,7 +191,7 @@ def test_injected_faults_are_survived_and_counted(ray_session, tmp_path, trackin
             "resources.num_cpus=1",
         ],
     )
-    expected = _expected_faults(spec, 2)
+    expected = expected_faults(spec, 2)
     kinds = {kind: sum(counts[kind] for counts in expected) for kind in expected[0]}
     assert min(kinds.values()) >= 1 and all(sum(c.values()) < 6 for c in expected), expected  # the seed's faults
     summary = run(spec, run_dir=tmp_path / "run", tracking_uri=tracking_uri, progress=False)
@@ -225,26 +226,47 @@ def test_too_few_survivors_stop_with_a_valid_checkpoint(ray_session, tmp_path, t
     assert norm <= 1e-3 * (1 + 1e-4)
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def test_ctrl_c_marks_the_run_killed_and_resume_finishes_it(ray_session, tmp_path, tracking_uri):
+def test_a_stop_notice_and_ctrl_c_mark_the_run_killed_and_resume_finishes_it(
+    ray_session, tmp_path, tracking_uri, monkeypatch, capsys
+):
+    """SIGTERM (a spot instance's stop notice, `kill`, `ray job stop`) to a command that
+    started its own Ray, which replaces Python's SIGTERM handler; then Ctrl-C (SIGINT) to
+    the resumed run; each leaves a valid checkpoint and the MLflow run KILLED."""
     run_dir = tmp_path / "run"
-    command = _cli("jobs/quickstart.yaml", *TINY, "rounds=2", "name=interrupted", "--run-dir", str(run_dir),
+    command = _cli("jobs/quickstart.yaml", *TINY, "rounds=3", "name=interrupted", "--run-dir", str(run_dir),
                    "--tracking-uri", tracking_uri)  # fmt: skip
-    # A shell that starts the suite in the background leaves SIGINT ignored, and children inherit that.
-    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
     _wait_for_round(run_dir, 0, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGTERM)
     returncode, stderr = process.wait(timeout=120), process.stderr.read()
     assert returncode == 130, stderr[-3000:]
-    assert "--resume" in stderr
-    info = json.loads((run_dir / "checkpoint" / "latest.json").read_text())
-    assert MlflowClient(tracking_uri).get_run(info["run_id"]).info.status == "KILLED"
-    resume(run_dir, progress=False)  # in this session's Ray; the SIGKILL test resumes through the CLI
-    assert MlflowClient(tracking_uri).get_run(info["run_id"]).info.status == "FINISHED"
-    assert [step for step, _ in _history(tracking_uri, info["run_id"], "clients_ok")] == [0, 1]
+    assert f"continue with `fedray run --resume {run_dir}`" in stderr
+    run_id = read_checkpoint(run_dir).info["run_id"]
+    assert MlflowClient(tracking_uri).get_run(run_id).info.status == "KILLED"
+
+    # Resumed in this session's Ray, and stopped by a real SIGINT right after round 1's checkpoint.
+    # (A shell that starts the suite in the background leaves SIGINT ignored: restore the default.)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    write_checkpoint = rounds.write_checkpoint
+
+    def checkpoint_then_ctrl_c(run_dir, round_index, *args):
+        write_checkpoint(run_dir, round_index, *args)
+        if round_index == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(rounds, "write_checkpoint", checkpoint_then_ctrl_c)
+    try:
+        assert main(["run", "--resume", str(run_dir), "--quiet"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert "the MLflow run is marked KILLED" in capsys.readouterr().err
+    assert read_checkpoint(run_dir).info["round"] == 1
+    assert MlflowClient(tracking_uri).get_run(run_id).info.status == "KILLED"
+    monkeypatch.undo()
+
+    resume(run_dir, progress=False)
+    assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FINISHED"
+    assert [step for step, _ in _history(tracking_uri, run_id, "clients_ok")] == [0, 1, 2]
 
 
 def test_unreachable_ray_address_fails_fast(tmp_path):

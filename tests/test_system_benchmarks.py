@@ -1,7 +1,8 @@
 """The system benchmarks' smoke modes: each script runs end to end and reports sane numbers.
 
-Each script runs in a subprocess with its own Ray (never the test session's), as a user
-would run it; the tests read the JSON it writes beside its markdown report.
+The scripts run one after another in one subprocess with their own Ray each (never the
+test session's), as a user would run them; sharing the process saves each script's
+imports. The tests read the JSON each writes beside its markdown report.
 """
 
 from __future__ import annotations
@@ -16,26 +17,60 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "benchmarks" / "system"
-#: Seconds a smoke run may take here. Each takes under a minute on 2 idle cores; other
-#: work on a shared machine can stretch that several times.
-SMOKE_TIMEOUT_S = 600
+#: The scripts run at smoke sizes, in this order.
+SMOKE_SCRIPTS = ("traffic", "overhead", "per_client", "concurrency", "memory")
+#: Seconds all smoke runs may take here. Together they take about three minutes on 2 idle
+#: cores; other work on a shared machine can stretch that several times.
+SMOKE_TIMEOUT_S = 1500
+#: Runs each script as ``python SCRIPT --smoke --out OUT`` would, in this one process.
+SMOKE_RUNNER = """
+import json, runpy, sys, traceback
+codes = {}
+for script, out in json.loads(sys.argv[1]):
+    sys.argv = [script, "--smoke", "--out", out]
+    try:
+        runpy.run_path(script, run_name="__main__")
+        codes[script] = 0
+    except SystemExit as stop:
+        codes[script] = stop.code or 0
+    except Exception:
+        traceback.print_exc()
+        codes[script] = 1
+print("SMOKE_CODES " + json.dumps(codes))
+"""
 #: Llama-3.1-8B target layers of one block: q_proj 4096 x 4096 and v_proj 1024 x 4096.
 LLAMA_BLOCK_NUMBERS_PER_RANK = (4096 + 4096) + (1024 + 4096)
 FLOAT_BYTES = 4
+#: Seconds each step of the GPU check's CPU smoke run may take here.
+GPU_CHECK_TIMEOUT_S = 600
 
 
-def run_smoke(script: str, tmp_path: Path) -> dict:
-    """Run ``benchmarks/system/<script>.py --smoke``; check its report files and return the JSON's results."""
-    out = tmp_path / f"{script}.md"
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory) -> tuple[Path, dict[str, int], str]:
+    """The folder of the reports, each script's exit code, and the process's output."""
+    out_dir = tmp_path_factory.mktemp("smoke")
+    plan = [(str(SCRIPTS / f"{script}.py"), str(out_dir / f"{script}.md")) for script in SMOKE_SCRIPTS]
+    # Ray puts a script's own folder on its workers' sys.path; here the scripts share one driver.
+    path = os.pathsep.join([str(SCRIPTS), str(REPO / "benchmarks" / "peers"), os.environ.get("PYTHONPATH", "")])
     done = subprocess.run(
-        [sys.executable, str(SCRIPTS / f"{script}.py"), "--smoke", "--out", str(out)],
+        [sys.executable, "-c", SMOKE_RUNNER, json.dumps(plan)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=SMOKE_TIMEOUT_S,
+        env=os.environ | {"PYTHONPATH": path},
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.startswith("Machine: ")
+    output = done.stdout[-6000:] + done.stderr[-6000:]
+    codes = next((line for line in done.stdout.splitlines() if line.startswith("SMOKE_CODES ")), None)
+    assert codes is not None, output  # the runner itself died
+    return out_dir, json.loads(codes.removeprefix("SMOKE_CODES ")), output
+
+
+def smoke_results(smoke_runs, script: str) -> dict:
+    """Check ``script``'s smoke run and its report files; return the JSON's results."""
+    out_dir, codes, output = smoke_runs
+    assert codes[str(SCRIPTS / f"{script}.py")] == 0, output
+    out = out_dir / f"{script}.md"
     text = out.read_text()
     assert text.startswith("Machine: ") and "Load average (1 min):" in text and "|---|" in text
     report = json.loads(out.with_suffix(".json").read_text())
@@ -45,8 +80,8 @@ def run_smoke(script: str, tmp_path: Path) -> dict:
     return report["results"]
 
 
-def test_traffic_matches_the_formulas(tmp_path):
-    results = run_smoke("traffic", tmp_path)
+def test_traffic_matches_the_formulas(smoke_runs):
+    results = smoke_results(smoke_runs, "traffic")
     assert results["all_match"] is True
     methods = {(entry["shape_set"], entry["method"]): entry for entry in results["methods"]}
     assert {method for _, method in methods} == {"fedit", "flora", "flexlora", "hetlora", "hlora", "fedplora"}
@@ -71,8 +106,8 @@ def test_traffic_matches_the_formulas(tmp_path):
     assert min(c["down"] for c in later) > max(c["down"] for c in first)  # the stacked global delta
 
 
-def test_concurrency_runs_the_requested_number_of_clients(tmp_path):
-    results = run_smoke("concurrency", tmp_path)
+def test_concurrency_runs_the_requested_number_of_clients(smoke_runs):
+    results = smoke_results(smoke_runs, "concurrency")
     assert [share["k"] for share in results["fake_gpu"]] == [1, 2, 4]
     for share in results["fake_gpu"]:
         assert share["max_concurrent"] == share["k"], share
@@ -87,8 +122,8 @@ def test_concurrency_runs_the_requested_number_of_clients(tmp_path):
     assert results["speedup"] > 0
 
 
-def test_memory_counts_the_shared_base_once(tmp_path):
-    results = run_smoke("memory", tmp_path)
+def test_memory_counts_the_shared_base_once(smoke_runs):
+    results = smoke_results(smoke_runs, "memory")
     base = results["base_bytes"]
     assert base > 50 * 2**20  # MiniLM's weights
     settings = {(s["variant"], s["k"]): s for s in results["settings"]}
@@ -103,8 +138,8 @@ def test_memory_counts_the_shared_base_once(tmp_path):
     assert set(results["working_set_bytes"]) == {"shared", "naive"}
 
 
-def test_overhead_compares_the_same_work(tmp_path):
-    results = run_smoke("overhead", tmp_path)
+def test_overhead_compares_the_same_work(smoke_runs):
+    results = smoke_results(smoke_runs, "overhead")
     assert results["same_work"] is True and results["train_loss_max_rel_diff"] < 1e-3
     (pair,) = results["pairs"]  # the smoke run is one pair
     assert len(pair["bare"]["rounds"]) == len(pair["fedray"]["rounds"]) == 2
@@ -127,7 +162,7 @@ def test_gpu_check_runs_its_smoke_mode_on_the_cpu(tmp_path):
     for step in (["prepare", "--bundle", str(bundle), "--no-wheels"],
                  ["run", "--bundle", str(bundle), "--out", str(out), "--smoke", "--device", "cpu"]):  # fmt: skip
         done = subprocess.run(
-            [sys.executable, str(script), *step], cwd=REPO, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S
+            [sys.executable, str(script), *step], cwd=REPO, capture_output=True, text=True, timeout=GPU_CHECK_TIMEOUT_S
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sum(path.stat().st_size for path in bundle.rglob("*")) < 60 * 2**20  # fits the GPU machine's carry
@@ -138,8 +173,8 @@ def test_gpu_check_runs_its_smoke_mode_on_the_cpu(tmp_path):
     assert "| client | loss (device) |" in (out / "results.md").read_text()
 
 
-def test_per_client_overhead_is_the_round_less_its_clients_own_time(tmp_path):
-    results = run_smoke("per_client", tmp_path)
+def test_per_client_overhead_is_the_round_less_its_clients_own_time(smoke_runs):
+    results = smoke_results(smoke_runs, "per_client")
     assert results["slots"] == min(results["clients_per_round"], len(os.sched_getaffinity(0)))
     (measured,) = results["rounds"]  # 3 rounds: the first and the last are left out
     assert measured["round"] == 1 and measured["clients"] == results["clients_per_round"]
