@@ -5,7 +5,7 @@ STAMP := $(VENV)/.fedray-installed
 # CPU machines take the local CPU torch wheel; GPU machines resolve CUDA torch freely.
 TORCH_CONSTRAINT := $(if $(shell command -v nvidia-smi),,-c constraints/cpu.txt)
 
-.PHONY: install test run lint clean peer-env
+.PHONY: install test run lint clean peer-env bigbench
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ $(PEER_STAMP): pyproject.toml constraints/cpu.txt constraints/data.txt
 	$(PEER_VENV)/bin/python -m pip install --quiet --no-deps -r constraints/data.txt
 	$(PEER_VENV)/bin/python -c 'import flwr, fedray, ray; print("peer env: flwr", flwr.__version__, "ray", ray.__version__)'
 	touch $(PEER_STAMP)
+
+# BIG-bench tasks (dataset: bigbench): the bigbench sdist into fedray's cache, once; opt-in,
+# never part of install (358 MB). See README.md, "Data".
+bigbench: install
+	$(PY) -m fedray.data.bigbench fetch
 
 test: install
 	$(VENV)/bin/ruff check fedray tests benchmarks

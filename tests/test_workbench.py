@@ -147,6 +147,7 @@ def test_smollm2_trains_and_scores_titles(smollm2):
         method.global_delta(), split.test.subset(np.arange(4)), spec.eval, max_seq_len=spec.train.max_seq_len
     )
     assert 0.0 <= metrics["eval_rougeL"] <= 1.0 and np.isfinite(metrics["eval_loss"])
+    assert metrics["eval_exact_match"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 examples
 
 
 def test_hetlora_client_prunes_a_tail_the_regulariser_shrank(bench, split):

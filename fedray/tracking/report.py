@@ -48,6 +48,7 @@ FIGURE_DPI = 110
 #: Curves drawn when the runs log them: (metric, title).
 OPTIONAL_PLOTS = (
     ("eval_f1_macro", "Macro-F1 of the global model"),
+    ("eval_exact_match", "Exact match of the global model's answers"),
     ("eval_loss", "Evaluation loss of the global model"),
     ("train_loss", "Training loss of the clients (data-weighted mean)"),
 )

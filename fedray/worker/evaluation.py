@@ -1,5 +1,5 @@
 """Metrics of a model on an evaluation set: accuracy and macro F1 for classification,
-ROUGE-L of greedy continuations for generation."""
+ROUGE-L and exact match of greedy continuations for generation."""
 
 from __future__ import annotations
 
@@ -70,10 +70,21 @@ def generation_metrics(
         total_tokens += tokens
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     generated = generate(model, tokenizer, dataset, settings, max_seq_len, device)
-    scores = [
-        scorer.score(target, text)["rougeL"].fmeasure for target, text in zip(dataset.targets, generated, strict=True)
-    ]
-    return {"eval_rougeL": float(np.mean(scores)), "eval_loss": total_loss / max(total_tokens, 1)}
+    pairs = list(zip(dataset.targets, generated, strict=True))
+    scores = [scorer.score(target, text)["rougeL"].fmeasure for target, text in pairs]
+    exact = [answer_text(text) == answer_text(target) for target, text in pairs]
+    return {
+        "eval_rougeL": float(np.mean(scores)),
+        "eval_exact_match": float(np.mean(exact)),
+        "eval_loss": total_loss / max(total_tokens, 1),
+    }
+
+
+def answer_text(text: str) -> str:
+    """What exact match compares: the first line, lower case, runs of spaces as one, without
+    a closing full stop (a continuation that goes on after its answer's line still matches)."""
+    first_line = text.strip().split("\n", 1)[0]
+    return " ".join(first_line.lower().split()).removesuffix(".")
 
 
 def generate(
