@@ -90,25 +90,35 @@ def test_a_round_of_fedplora_offers_the_similarity_of_what_its_clients_trained(t
     method = create_method("fedplora", shapes, PLORA_RANK, scale=2.0, seed=0)
     assert method.heatmaps() == {}  # nothing aggregated yet
     generator = torch.Generator().manual_seed(0)
-    updates, clients = [], []
+    updates, clients, changes = [], [], []
     for client, rank in enumerate([2, 4, 6]):
         init = method.client_init(client, rank)
-        B = {layer: b + torch.randn(b.shape, generator=generator) for layer, b in init.B.items()}
-        A = {layer: a + torch.randn(a.shape, generator=generator) for layer, a in init.A.items()}
+        # Small independent steps from the handed-out modules, as a few local steps take.
+        B = {layer: b + 0.01 * torch.randn(b.shape, generator=generator) for layer, b in init.B.items()}
+        A = {layer: a + 0.01 * torch.randn(a.shape, generator=generator) for layer, a in init.A.items()}
         chosen = method.modules_of(client)
+
         # Independently: module j is its B column and A row of every layer, in layer order.
-        clients.append(
-            {
+        def module_vectors(B, A, chosen=chosen):
+            return {
                 j: torch.cat([torch.cat([B[layer][:, column], A[layer][column]]) for layer in shapes])
                 for column, j in enumerate(chosen["q"].tolist())
             }
-        )
+
+        clients.append(module_vectors(B, A))
+        change_B = {layer: B[layer] - init.B[layer] for layer in B}
+        changes.append(module_vectors(change_B, {layer: A[layer] - init.A[layer] for layer in A}))
         updates.append(ClientUpdate(client, rank, 10, B, A))
     method.aggregate(updates)
 
     heatmap = method.heatmaps()["module_similarity"]
     np.testing.assert_allclose(heatmap.values.numpy(), similarity_of(clients), equal_nan=True, atol=1e-12)
     assert heatmap.title == "Fed-PLoRA module similarity across clients, round 1"
+    # Of the changes: every client starts a module from the same values, so the trained
+    # factors look alike on the diagonal while independent random changes do not.
+    changed = method.heatmaps()["module_change_similarity"].values.numpy()
+    np.testing.assert_allclose(changed, similarity_of(changes), equal_nan=True, atol=1e-12)
+    assert np.nanmean(np.diag(changed)) < 0.5 < np.nanmean(np.diag(heatmap.values.numpy()))
     out_png = tmp_path / "figures" / "module_similarity.png"
     draw_heatmap(heatmap, out_png)
     image = imread(out_png)

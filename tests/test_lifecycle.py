@@ -158,6 +158,7 @@ def test_fedplora_run_draws_the_module_similarity(ray_session, tracking_uri, tmp
     summary = run(
         tiny_spec("fedplora", "rounds=1"), run_dir=tmp_path / "run", tracking_uri=tracking_uri, progress=False
     )
-    image = summary.run_dir / "module_similarity.png"
-    assert image.stat().st_size > 1000
-    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stem in ("module_similarity", "module_change_similarity"):
+        image = summary.run_dir / f"{stem}.png"
+        assert image.stat().st_size > 1000
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

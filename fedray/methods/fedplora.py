@@ -8,7 +8,11 @@ that trained it; a module nobody drew keeps its value.
 
 ``ModuleSimilarity`` measures how alike module j of one client is to module j' of
 another after a round; the method keeps it for the last aggregated round and offers it
-as the ``module_similarity`` heatmap (the paper's module-alignment figure).
+as the ``module_similarity`` heatmap (the paper's module-alignment figure). Every client
+starts a module from the same global values, so on the trained factors the diagonal is
+near 1 whatever training did; ``module_change_similarity`` takes the same measure on what
+the round changed (trained minus handed-out factors), where alignment has to come from
+training itself.
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ class _Sums:
     folded: dict[str, Tensor]
     clients: ClientAverage
     similarity: ModuleSimilarity = field(init=False)
+    #: The same on each module's change in the round (trained minus handed-out values).
+    change_similarity: ModuleSimilarity = field(init=False)
 
 
 class FedPLoRA(AdapterMethod):
@@ -100,8 +106,10 @@ class FedPLoRA(AdapterMethod):
         super().__init__(shapes, max_rank, scale=scale, seed=seed)
         #: Average a module over its clients by data size (True) or plainly (False, the paper's).
         self.weighted = weighted
-        #: Module similarity across the clients of the last aggregated round.
+        #: Module similarity across the clients of the last aggregated round: of the
+        #: trained modules, and of their changes in the round.
         self._similarity: ModuleSimilarity | None = None
+        self._change_similarity: ModuleSimilarity | None = None
 
     @property
     def options(self) -> dict:
@@ -114,16 +122,26 @@ class FedPLoRA(AdapterMethod):
     def heatmaps(self) -> dict[str, Heatmap]:
         if self._similarity is None or self._similarity.clients < 2:
             return {}
+        figures = (
+            ("module_similarity", self._similarity, "module similarity", "trained modules"),
+            (
+                "module_change_similarity",
+                self._change_similarity,
+                "similarity of module changes",
+                "each module's change in the round (trained minus handed-out)",
+            ),
+        )
         return {
-            "module_similarity": Heatmap(
-                self._similarity.matrix(),
-                title=f"Fed-PLoRA module similarity across clients, round {self.round}",
+            stem: Heatmap(
+                similarity.matrix(),
+                title=f"Fed-PLoRA {what} across clients, round {self.round}",
                 xlabel="module j' (client b)",
                 ylabel="module j (client a)",
                 value_label="mean cosine similarity",
                 value_range=SIMILARITY_RANGE,
-                caption="white: no two different clients trained module j and module j' in that round",
+                caption=f"of {of}; white: no two different clients trained module j and module j' in that round",
             )
+            for stem, similarity, what, of in figures
         }
 
     def _draw(self, rank: int) -> Tensor:
@@ -157,6 +175,7 @@ class FedPLoRA(AdapterMethod):
             clients=ClientAverage(self.shapes),
         )
         sums.similarity = ModuleSimilarity(self.max_rank)
+        sums.change_similarity = ModuleSimilarity(self.max_rank)
         return sums
 
     def _accumulate(self, sums: _Sums, update: ClientUpdate, handout: Handout) -> None:
@@ -164,10 +183,15 @@ class FedPLoRA(AdapterMethod):
         weight = float(n) if self.weighted else 1.0
         modules: dict[str, Tensor] = handout.memo
         vectors: dict[int, list[Tensor]] = {}
+        changes: dict[int, list[Tensor]] = {}
         for layer, chosen in modules.items():
             for column, j in enumerate(chosen.tolist()):
-                vectors.setdefault(j, []).extend([update.B[layer][:, column], update.A[layer][column]])
+                B, A = update.B[layer][:, column], update.A[layer][column]
+                vectors.setdefault(j, []).extend([B, A])
+                # The global modules stay as handed out until the round commits.
+                changes.setdefault(j, []).extend([B - self._B[layer][:, j], A - self._A[layer][j]])
         sums.similarity.add({j: torch.cat(parts) for j, parts in vectors.items()})
+        sums.change_similarity.add({j: torch.cat(parts) for j, parts in changes.items()})
         for layer, chosen in modules.items():
             sums.B[layer][:, chosen] += weight * update.B[layer]
             sums.A[layer][chosen] += weight * update.A[layer]
@@ -188,5 +212,5 @@ class FedPLoRA(AdapterMethod):
             B[:, trained] = sums.B[layer][:, trained] / weight
             A[trained] = sums.A[layer][trained] / weight[:, None]
             self._B[layer], self._A[layer] = B, A
-        self._similarity = sums.similarity
+        self._similarity, self._change_similarity = sums.similarity, sums.change_similarity
         return sums.clients.noise_sq(self._global_folds(), total_examples)
