@@ -90,8 +90,9 @@ def _read_table(path: Path) -> pd.DataFrame:
 def _hub_error(name: str, reason: str) -> ValueError:
     return ValueError(
         f"Dataset {name!r} is not a built-in dataset or a local file, and the Hugging Face Hub cannot serve it "
-        f"({reason}); use one of the offline datasets {sorted(BUILTIN_DATASETS)} or a local "
-        f"{'/'.join(LOCAL_FILE_SUFFIXES)} file path with text_column/label_column (or prompt_column/target_column)."
+        f"({reason}); use one of the offline datasets {sorted(BUILTIN_DATASETS)} (or bigbench, after "
+        f"`make bigbench`), or a local {'/'.join(LOCAL_FILE_SUFFIXES)} file path with text_column/label_column "
+        "(or prompt_column/target_column)."
     )
 
 
