@@ -13,7 +13,7 @@ from peft import PeftModel
 
 from fedray.config import load_spec
 from fedray.data import make_batches
-from fedray.driver import rounds
+from fedray.driver import lifecycle, rounds
 from fedray.driver.checkpoint import read_checkpoint
 from fedray.driver.lifecycle import run
 from fedray.methods import METHODS, method_from_state
@@ -162,3 +162,31 @@ def test_fedplora_run_draws_the_module_similarity(ray_session, tracking_uri, tmp
         image = summary.run_dir / f"{stem}.png"
         assert image.stat().st_size > 1000
         assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_finished_runs_actor_serves_the_next_run_identically(ray_session, tracking_uri, tmp_path, monkeypatch):
+    """A driver's next run takes the idle aggregation actor of its last finished run (no new
+    process and imports) and ends bit for bit as it does with a new actor."""
+    for idle in lifecycle._IDLE_AGGREGATORS:
+        ray_session.kill(idle)
+    monkeypatch.setattr(lifecycle, "_IDLE_AGGREGATORS", [])
+    started = []
+    start_aggregator = lifecycle._start_aggregator
+
+    def remember(*args):
+        started.append(start_aggregator(*args))
+        return started[-1]
+
+    monkeypatch.setattr(lifecycle, "_start_aggregator", remember)
+    # The first run's actor is new; it first serves another method, then the run compared.
+    fresh = run(tiny_spec("hlora", "rounds=2"), run_dir=tmp_path / "fresh", tracking_uri=tracking_uri, progress=False)
+    run(tiny_spec("fedplora", "rounds=1"), run_dir=tmp_path / "between", tracking_uri=tracking_uri, progress=False)
+    again = run(tiny_spec("hlora", "rounds=2"), run_dir=tmp_path / "again", tracking_uri=tracking_uri, progress=False)
+    assert started[0] == started[1] == started[2] and [started[0]] == lifecycle._IDLE_AGGREGATORS
+
+    (first, second) = (read_checkpoint(summary.run_dir) for summary in (fresh, again))
+    delta, other = (method_from_state(c.method_state).global_delta() for c in (first, second))
+    assert all(torch.equal(delta[layer], other[layer]) for layer in delta)
+    assert all(torch.equal(first.head[name], second.head[name]) for name in first.head)
+    for name in ("train_loss", "eval_accuracy", "init_noise", "agg_noise"):
+        assert [record[name] for record in fresh.rounds] == [record[name] for record in again.rounds], name

@@ -80,6 +80,21 @@ class Aggregator:
         tracking_uri: str,
         run_id: str,
     ) -> None:
+        self.start_run(spec, method_class, shapes, head, tracking_uri, run_id)
+
+    def start_run(
+        self,
+        spec: Spec,
+        method_class: type[Method],
+        shapes: Mapping[str, tuple[int, int]],
+        head: Mapping[str, torch.Tensor] | None,
+        tracking_uri: str,
+        run_id: str,
+    ) -> None:
+        """Take on a run from its start: every attribute of the run is set here, afresh.
+
+        A driver that runs again (a sweep's next cell) hands a finished run's actor a new
+        run instead of starting a process and its imports again (``release`` in between)."""
         # The actor shares cores with client tasks: extra BLAS threads would spin, not help.
         torch.set_num_threads(spec.resources.aggregator_threads)
         self.spec = spec
@@ -95,6 +110,12 @@ class Aggregator:
         self.workers: dict[str, dict[str, Any]] = {}
         self._round: _Round | None = None
         self._client_seconds: list[float] = []
+
+    def release(self) -> None:
+        """Let go of a finished run's state (the method's factors, the tracker): the actor
+        waits, idle, for ``start_run``. Its live metrics keep their last values."""
+        self.method = self.head = self.server = self.tracker = self.live = None
+        self._before, self.workers, self._round, self._client_seconds = {}, {}, None, []
 
     # ------------------------------------------------------------ between rounds
 

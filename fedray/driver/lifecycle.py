@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import subprocess
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +45,13 @@ from fedray.worker.tasks import warm_task
 
 __all__ = ["RunFailed", "RunSummary", "resume", "run", "run_or_resume", "saved_checkpoint"]
 
+#: Aggregation actors of this driver's finished runs, idle until its next run takes one:
+#: starting an actor costs a process and its imports (torch, MLflow), about 3 of the 5 s
+#: of a tiny run here. A sweep's concurrent cells each take one.
+_IDLE_AGGREGATORS: list = []
+_IDLE_LOCK = threading.Lock()
+#: Idle actors kept at most (each holds torch and MLflow, about 0.6 GB).
+MAX_IDLE_AGGREGATORS = 4
 #: Spec fields a resumed run may change with --allow-spec-change (they alter no past round).
 SAFE_TO_CHANGE = (
     "rounds",
@@ -313,7 +321,7 @@ def _execute(
     finally:
         tracker.end(status)
         if aggregator is not None:
-            ray.kill(aggregator)
+            _done_with(aggregator, reusable=status == "FINISHED")
     return summary
 
 
@@ -334,17 +342,42 @@ def _replace_aggregator(context: RunContext, base, summary: RunSummary, first_ro
 
 
 def _start_aggregator(spec: Spec, base, tracker: Tracker, checkpoint: Checkpoint | None):
-    """A new aggregation actor, holding ``checkpoint``'s state if one is given."""
-    shapes = target_layers(base.model, base.target_modules)
-    # On the driver's node: the tracking URI and paths the user gave are valid there, and
-    # the actor never keeps an autoscaled GPU worker alive (or dies with a spot one).
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    aggregator = Aggregator.options(scheduling_strategy=here).remote(
-        spec, METHODS[spec.method], shapes, head_state(base.model) or None, tracker.uri, tracker.run_id
-    )
+    """An aggregation actor for this run (an idle one of this driver's finished runs, else a
+    new one), holding ``checkpoint``'s state if one is given."""
+    run = (spec, METHODS[spec.method], target_layers(base.model, base.target_modules))
+    run += (head_state(base.model) or None, tracker.uri, tracker.run_id)
+    aggregator = None
+    with _IDLE_LOCK:
+        idle = _IDLE_AGGREGATORS.pop() if _IDLE_AGGREGATORS else None
+    if idle is not None:
+        try:
+            ray.get(idle.start_run.remote(*run))
+            aggregator = idle
+        except ray.exceptions.RayActorError:
+            pass  # it died while idle (its node went away): start a new one
+    if aggregator is None:
+        # On the driver's node: the tracking URI and paths the user gave are valid there, and
+        # the actor never keeps an autoscaled GPU worker alive (or dies with a spot one).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        aggregator = Aggregator.options(scheduling_strategy=here).remote(*run)
     if checkpoint is not None:
         ray.get(aggregator.load_state.remote(checkpoint.method_state, checkpoint.head, checkpoint.server_state))
     return aggregator
+
+
+def _done_with(aggregator, *, reusable: bool) -> None:
+    """Keep a finished run's actor for this driver's next run (up to MAX_IDLE_AGGREGATORS),
+    else end it; an actor of a failed or stopped run always ends."""
+    if reusable:
+        try:
+            ray.get(aggregator.release.remote())
+        except ray.exceptions.RayActorError:
+            return
+        with _IDLE_LOCK:
+            if len(_IDLE_AGGREGATORS) < MAX_IDLE_AGGREGATORS:
+                _IDLE_AGGREGATORS.append(aggregator)
+                return
+    ray.kill(aggregator)
 
 
 def _last_checkpoint(run_dir: Path) -> Checkpoint | None:
