@@ -71,16 +71,9 @@ class Aggregator:
     method's state changes during a round.
     """
 
-    def __init__(
-        self,
-        spec: Spec,
-        method_class: type[Method],
-        shapes: Mapping[str, tuple[int, int]],
-        head: Mapping[str, torch.Tensor] | None,
-        tracking_uri: str,
-        run_id: str,
-    ) -> None:
-        self.start_run(spec, method_class, shapes, head, tracking_uri, run_id)
+    def __init__(self, *run: Any) -> None:
+        """``run``: the arguments of ``start_run``."""
+        self.start_run(*run)
 
     def start_run(
         self,
