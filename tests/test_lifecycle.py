@@ -167,7 +167,7 @@ def test_fedplora_run_draws_the_module_similarity(ray_session, tracking_uri, tmp
 def test_a_finished_runs_actor_serves_the_next_run_identically(ray_session, tracking_uri, tmp_path, monkeypatch):
     """A driver's next run takes the idle aggregation actor of its last finished run (no new
     process and imports) and ends bit for bit as it does with a new actor."""
-    for idle in lifecycle._IDLE_AGGREGATORS:
+    for _, idle in lifecycle._IDLE_AGGREGATORS:
         ray_session.kill(idle)
     monkeypatch.setattr(lifecycle, "_IDLE_AGGREGATORS", [])
     started = []
@@ -182,7 +182,8 @@ def test_a_finished_runs_actor_serves_the_next_run_identically(ray_session, trac
     fresh = run(tiny_spec("hlora", "rounds=2"), run_dir=tmp_path / "fresh", tracking_uri=tracking_uri, progress=False)
     run(tiny_spec("fedplora", "rounds=1"), run_dir=tmp_path / "between", tracking_uri=tracking_uri, progress=False)
     again = run(tiny_spec("hlora", "rounds=2"), run_dir=tmp_path / "again", tracking_uri=tracking_uri, progress=False)
-    assert started[0] == started[1] == started[2] and [started[0]] == lifecycle._IDLE_AGGREGATORS
+    assert started[0] == started[1] == started[2]
+    assert [idle for _, idle in lifecycle._IDLE_AGGREGATORS] == [started[0]]
 
     (first, second) = (read_checkpoint(summary.run_dir) for summary in (fresh, again))
     delta, other = (method_from_state(c.method_state).global_delta() for c in (first, second))
@@ -190,3 +191,9 @@ def test_a_finished_runs_actor_serves_the_next_run_identically(ray_session, trac
     assert all(torch.equal(first.head[name], second.head[name]) for name in first.head)
     for name in ("train_loss", "eval_accuracy", "init_noise", "agg_noise"):
         assert [record[name] for record in fresh.rounds] == [record[name] for record in again.rounds], name
+
+    # A driver that starts Ray again takes no actor of the session before.
+    monkeypatch.setattr(lifecycle, "_ray_session", lambda: ("another node", "01000000"))
+    run(tiny_spec("fedit", "rounds=1"), run_dir=tmp_path / "elsewhere", tracking_uri=tracking_uri, progress=False)
+    assert started[3] != started[0]
+    ray_session.kill(started[0])  # idle, and no longer in the pool

@@ -47,8 +47,10 @@ __all__ = ["RunFailed", "RunSummary", "resume", "run", "run_or_resume", "saved_c
 
 #: Aggregation actors of this driver's finished runs, idle until its next run takes one:
 #: starting an actor costs a process and its imports (torch, MLflow), about 3 of the 5 s
-#: of a tiny run here. A sweep's concurrent cells each take one.
-_IDLE_AGGREGATORS: list = []
+#: of a tiny run here. A sweep's concurrent cells each take one. Each is kept with the Ray
+#: session it lives in (the driver's node and job): a driver that starts Ray again (the
+#: system benchmarks do) must not take an actor of a cluster that is gone.
+_IDLE_AGGREGATORS: list[tuple[tuple[str, str], Any]] = []
 _IDLE_LOCK = threading.Lock()
 #: Idle actors kept at most (each holds torch and MLflow, about 0.6 GB).
 MAX_IDLE_AGGREGATORS = 4
@@ -348,7 +350,9 @@ def _start_aggregator(spec: Spec, base, tracker: Tracker, checkpoint: Checkpoint
     run += (head_state(base.model) or None, tracker.uri, tracker.run_id)
     aggregator = None
     with _IDLE_LOCK:
-        idle = _IDLE_AGGREGATORS.pop() if _IDLE_AGGREGATORS else None
+        session = _ray_session()
+        _IDLE_AGGREGATORS[:] = [(where, idle) for where, idle in _IDLE_AGGREGATORS if where == session]
+        idle = _IDLE_AGGREGATORS.pop()[1] if _IDLE_AGGREGATORS else None
     if idle is not None:
         try:
             ray.get(idle.start_run.remote(*run))
@@ -375,9 +379,15 @@ def _done_with(aggregator, *, reusable: bool) -> None:
             return
         with _IDLE_LOCK:
             if len(_IDLE_AGGREGATORS) < MAX_IDLE_AGGREGATORS:
-                _IDLE_AGGREGATORS.append(aggregator)
+                _IDLE_AGGREGATORS.append((_ray_session(), aggregator))
                 return
     ray.kill(aggregator)
+
+
+def _ray_session() -> tuple[str, str]:
+    """This driver's node and job: which Ray session its actors live in."""
+    context = ray.get_runtime_context()
+    return context.get_node_id(), context.get_job_id()
 
 
 def _last_checkpoint(run_dir: Path) -> Checkpoint | None:
