@@ -129,7 +129,7 @@ def _cached_task(cache: Path, name: str) -> Path:
     return cache / "tasks" / f"{name.replace('/', '__')}.json"
 
 
-def _task_name(member: str) -> str | None:
+def task_name_of(member: str) -> str | None:
     """``word_unscrambling`` for ``.../benchmark_tasks/word_unscrambling/task.json``, else None."""
     if not (member.startswith(TASKS_ROOT) and member.endswith("/task.json")):
         return None
@@ -139,7 +139,7 @@ def _task_name(member: str) -> str | None:
 def list_tasks(archive: Path) -> list[str]:
     """Every JSON task and subtask in the archive, sorted."""
     with tarfile.open(archive, "r:gz") as tar:
-        return sorted(name for name in map(_task_name, tar.getnames()) if name)
+        return sorted(name for name in map(task_name_of, tar.getnames()) if name)
 
 
 def load_tasks(
@@ -157,8 +157,8 @@ def load_tasks(
     found = {}
     with tarfile.open(archive_path, "r:gz") as tar:
         for member in tar:
-            if _task_name(member.name) in missing:
-                found[_task_name(member.name)] = tar.extractfile(member).read()
+            if task_name_of(member.name) in missing:
+                found[task_name_of(member.name)] = tar.extractfile(member).read()
     if unknown := [name for name in missing if name not in found]:
         known = list_tasks(archive_path)
         described = []
