@@ -134,18 +134,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     settings_file = args.out / "settings.json"
-    if settings_file.is_file():
-        saved = json.loads(settings_file.read_text())
-        if args.tasks is None:
-            args.tasks = saved["tasks"]
-        if saved != settings_of(args):
-            changed = sorted(key for key in saved if saved[key] != settings_of(args)[key])
-            raise SystemExit(f"{args.out} holds probes of other settings ({', '.join(changed)}); use another --out")
-    elif not args.tasks:
+    saved = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+    if saved is not None and args.tasks is None:
+        args.tasks = saved["tasks"]
+    if not args.tasks:
         raise SystemExit("name --tasks for a new probe folder")
-    else:
-        settings_file.write_text(json.dumps(settings_of(args), indent=1) + "\n")
     settings = settings_of(args)
+    if saved is None:
+        settings_file.write_text(json.dumps(settings, indent=1) + "\n")
+    elif saved != settings:
+        changed = sorted(key for key in saved if saved[key] != settings[key])
+        raise SystemExit(f"{args.out} holds probes of other settings ({', '.join(changed)}); use another --out")
     if args.threads:
         torch.set_num_threads(args.threads)
     split = load_dataset("bigbench", tasks=args.tasks, max_per_task=args.max_per_task)

@@ -346,8 +346,8 @@ def _replace_aggregator(context: RunContext, base, summary: RunSummary, first_ro
 def _start_aggregator(spec: Spec, base, tracker: Tracker, checkpoint: Checkpoint | None):
     """An aggregation actor for this run (an idle one of this driver's finished runs, else a
     new one), holding ``checkpoint``'s state if one is given."""
-    run = (spec, METHODS[spec.method], target_layers(base.model, base.target_modules))
-    run += (head_state(base.model) or None, tracker.uri, tracker.run_id)
+    shapes = target_layers(base.model, base.target_modules)
+    run = (spec, METHODS[spec.method], shapes, head_state(base.model) or None, tracker.uri, tracker.run_id)
     aggregator = None
     with _IDLE_LOCK:
         session = _ray_session()
