@@ -171,8 +171,10 @@ def load_tasks(
     for name, raw in found.items():
         path = _cached_task(cache, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".tmp").write_bytes(raw)
-        path.with_suffix(".tmp").replace(path)
+        # Workers of one node may extract at once: each writes its own file, then renames it.
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_bytes(raw)
+        partial.replace(path)
         tasks[name] = json.loads(raw)
     return tasks
 
