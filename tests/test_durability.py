@@ -55,8 +55,9 @@ def _assert_identical(whole, other, tracking_uri, rounds_done: int):
 def test_a_killed_aggregation_actor_is_replaced_and_the_run_ends_identically(
     ray_session, tmp_path, tracking_uri, monkeypatch, reference_run
 ):
-    """Killed twice: right after round 0's checkpoint (before the round is logged), and in
-    round 1 after its clients were launched."""
+    """Killed twice: right after round 0's checkpoint (before the round is logged; it is
+    written while round 1 trains), and in round 2 once its clients are sampled, while
+    round 1's evaluation is still out."""
     spec = load_spec("jobs/quickstart.yaml", [*TINY, "rounds=3", "method=fedplora", "name=actor-loss"])
     whole, hit = reference_run("fedplora", 3), tmp_path / "hit"
 
@@ -81,17 +82,17 @@ def test_a_killed_aggregation_actor_is_replaced_and_the_run_ends_identically(
         if round_index == 0:
             kill_once("after checkpoint 0")
 
-    def kill_then_run(run_context, round_index, *args):
-        if round_index == 1:
-            kill_once("in round 1")
-        return run_clients(run_context, round_index, *args)
+    def kill_then_run(run_context, round_index, *args, **kwargs):
+        if round_index == 2:
+            kill_once("in round 2")
+        return run_clients(run_context, round_index, *args, **kwargs)
 
     monkeypatch.setattr(lifecycle, "_start_aggregator", remember)
     monkeypatch.setattr(rounds, "write_checkpoint", checkpoint_then_kill)
     monkeypatch.setattr(rounds, "_run_clients", kill_then_run)
     summary = run(spec, run_dir=hit, tracking_uri=tracking_uri, progress=False)
 
-    assert kills == ["after checkpoint 0", "in round 1"] and len(started) == 3
+    assert kills == ["after checkpoint 0", "in round 2"] and len(started) == 3
     assert [record["round"] for record in summary.rounds] == [0, 1, 2]
     _assert_identical(whole, hit, tracking_uri, rounds_done=3)
     assert MlflowClient(tracking_uri).get_run(summary.run_id).info.status == "FINISHED"
@@ -115,6 +116,19 @@ def test_a_resubmitted_job_continues_its_run(ray_session, tmp_path, tracking_uri
     _assert_identical(whole, job, tracking_uri, rounds_done=2)
     again = run_or_resume(spec, job, tracking_uri=tracking_uri, progress=False)  # a finished run: nothing to do
     assert again.rounds == [] and again.run_id == summary.run_id
+
+
+def test_an_evaluation_beside_the_next_round_scores_its_own_round(reference_run):
+    """Round 0's evaluation runs while round 1 trains (the actor's model has moved on by
+    then); it must score round 0's model, as the one-round run's evaluation (nothing after
+    it to overlap) does, and land before round 1's record."""
+    two, one = (reference_run("hlora", rounds) for rounds in (2, 1))
+    records = [[json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()] for path in (two, one)]
+    assert [record["round"] for record in records[0]] == [0, 1]
+    evaluated = [name for name in records[1][0] if name.startswith("eval_")]
+    assert evaluated and all(name in record for record in records[0] for name in evaluated)
+    assert {name: records[0][0][name] for name in evaluated} == {name: records[1][0][name] for name in evaluated}
+    assert records[0][1]["eval_loss"] != records[0][0]["eval_loss"]  # round 1's model scores otherwise
 
 
 @pytest.fixture(scope="module")

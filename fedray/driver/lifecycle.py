@@ -35,7 +35,7 @@ from fedray.driver.checkpoint import CHECKPOINT_DIR, LATEST, Checkpoint, read_ch
 from fedray.driver.cluster import check_services, connect_ray, task_resources, tasks_that_fit
 from fedray.driver.outputs import RunSummary
 from fedray.driver.prepare import Prepared, prepare
-from fedray.driver.rounds import RunContext, RunFailed, play_round
+from fedray.driver.rounds import Rounds, RunContext, RunFailed
 from fedray.driver.storage import START_FILES, RemoteRunDir, is_remote
 from fedray.methods import METHODS
 from fedray.models import export_base, head_state, target_layers
@@ -286,12 +286,19 @@ def _execute(
         summary = RunSummary(where, tracker.uri, tracker.run_id, spec.name)
         shown = outputs.RoundProgress(console, rounds=spec.rounds, first_round=first_round, metric_name=metric_name)
         restarts = 0
+
+        def done(record: dict[str, Any]) -> None:
+            summary.rounds.append(record)
+            shown.round_done(record)
+
         with shown:
+            rounds = Rounds(context, shown.show, done)
             round_index = first_round
             while round_index < spec.rounds:
                 try:
-                    record = play_round(context, round_index, shown.show)
+                    rounds.play(round_index)
                 except ray.exceptions.RayActorError as error:
+                    rounds.settle_or_drop(wait=True)
                     # The aggregation actor died (killed, out of memory, its node lost): a new
                     # one continues from the last checkpoint and the round in flight is replayed.
                     restarts += 1
@@ -302,10 +309,15 @@ def _execute(
                         ) from error
                     context, round_index = _replace_aggregator(context, base, summary, first_round)
                     aggregator = context.aggregator
+                    rounds.run = context
                     shown.show(f"aggregation actor lost; replaying from round {round_index + 1}")
                     continue
-                summary.rounds.append(record)
-                shown.round_done(record)
+                except KeyboardInterrupt:
+                    rounds.settle_or_drop(wait=False)
+                    raise
+                except Exception:
+                    rounds.settle_or_drop(wait=True)  # the round before keeps its checkpoint
+                    raise
                 round_index += 1
         state, heatmaps = ray.get([aggregator.global_state.remote(), aggregator.heatmaps.remote()])
         outputs.export(run_dir, state, heatmaps, base, spec, tracker)

@@ -1,15 +1,17 @@
-"""One federated round on the driver: sample, launch a task per client, retry or drop the
+"""The federated rounds on the driver: sample, launch a task per client, retry or drop the
 failed ones, evaluate, checkpoint, log.
 
 The driver reads only each task's small status: a finished client's result goes to the
 aggregation actor by reference, a failed or timed-out one is retried and then dropped, and
-a round with too few survivors is re-run with a fresh sample. After each round the driver
-writes an atomic checkpoint, then the metrics are logged, so a resumed run neither
-repeats nor misses a round.
+a round with too few survivors is re-run with a fresh sample. A round's evaluation runs
+while the next round trains; once it is in, the driver writes the round's atomic
+checkpoint, then its metrics are logged, so a resumed run neither repeats nor misses a
+round.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,59 +81,142 @@ class _ClientTask:
     started: float | None = None
 
 
-def play_round(run: RunContext, round_index: int, show: Show) -> dict[str, Any]:
-    """One round, re-sampled while too few clients survive; checkpointed, then logged."""
-    spec = run.spec
-    started = time.perf_counter()
-    attempts_failures: list[str] = []
-    for attempt in range(spec.reliability.round_attempts):
-        sampled = sample_clients(spec, round_index, attempt)
-        inits = {client: run.aggregator.client_init.remote(client, run.client_ranks[client]) for client in sampled}
-        ray.get(run.aggregator.begin_round.remote(sampled))
-        try:
-            retried = _run_clients(run, round_index, attempt, inits, show)
-            metrics = ray.get(run.aggregator.end_round.remote())
-            break
-        except TooFewClients as error:
-            attempts_failures.append(failure_reason(error))
-            show(f"round {round_index + 1}: too few clients, sampling again")
-        except BaseException:
-            ray.get(run.aggregator.abandon_round.remote())
-            raise
-    else:
-        raise RunFailed(
-            f"round {round_index + 1} failed {spec.reliability.round_attempts} times ({attempts_failures[-1]}); "
-            f"the checkpoint of round {round_index} in {run.run_dir} is valid: fix the cause and "
-            f"`fedray run --resume {run.run_dir}`"
-        )
-    failures = metrics.pop("failures")
-    metrics["round_attempts"] = float(attempt + 1)
-    metrics["client_retries"] = float(sum(len(reasons) for reasons in retried.values()))
-    if round_index == spec.rounds - 1 or (round_index + 1) % spec.eval.every == 0:
-        state_ref = run.aggregator.global_state.remote()
-        metrics |= _evaluate(run, state_ref)
-    metrics["round_s"] = time.perf_counter() - started
-    record = {"round": round_index, "clients": sampled, **metrics, "failures": failures, "retries": retried}
-    method_state, head, server_state = ray.get(run.aggregator.state.remote())
-    info = {
-        "run_id": run.tracker.run_id,
-        "tracking_uri": run.tracker.uri,
-        "experiment": spec.name,
-        "spec_digest": spec.digest(),
-        "metrics": record,
-    }
-    write_checkpoint(run.run_dir, round_index, method_state, head, info, server_state)
-    outputs.append_metrics(run.run_dir, record)
-    if run.remote is not None:
-        run.remote.upload_round(round_index)
-    ray.get(run.aggregator.log_metrics.remote(round_index, outputs.numbers(record)))
-    return record
+@dataclass
+class _Unsettled:
+    """A played round whose record waits for its evaluation (running beside the next round)."""
+
+    round_index: int
+    #: The round's record but its evaluation and ``round_s``: round, clients, training
+    #: metrics, failures, retries.
+    record: dict[str, Any]
+    #: ``time.perf_counter()`` at the round's start.
+    started: float
+    #: The evaluation tasks' refs (none when the round is not evaluated).
+    evaluation: list
+    #: The ref of the aggregation actor's state right after the round, for its checkpoint.
+    state: Any
+    #: Set when the next round starts.
+    round_s: float | None = None
+
+
+class Rounds:
+    """Plays a run's rounds in order; a round's evaluation overlaps the next round's training.
+
+    When a round ends, its global model's evaluation is launched and the next round starts
+    at once: the evaluation tasks and the next clients share the cluster's slots, so slots
+    the next round leaves idle (a round's last wave, clients fewer than slots, a generation
+    task's one evaluation) score the model meanwhile. A round is *settled* when its
+    evaluation is in: its checkpoint is written, then its metrics, in round order, and
+    ``done`` gets its record. The checkpoint holds the actor's state taken right after the
+    round, so resuming from it is bit-exact as before; a run stopped while an evaluation
+    runs resumes from the round before, replaying the unsettled one.
+    ``round_s`` is the wall time from a round's start to the next round's start (the last
+    round: to its record), so the rounds' times add up to the run's.
+    """
+
+    def __init__(self, run: RunContext, show: Show, done: Callable[[dict[str, Any]], None]) -> None:
+        self.run = run
+        self.show = show
+        self.done = done
+        self._unsettled: _Unsettled | None = None
+
+    def play(self, round_index: int) -> None:
+        """One round, re-sampled while too few clients survive; its evaluation launched."""
+        run, spec = self.run, self.run.spec
+        started = time.perf_counter()
+        if self._unsettled is not None:
+            self._unsettled.round_s = started - self._unsettled.started
+        attempts_failures: list[str] = []
+        for attempt in range(spec.reliability.round_attempts):
+            sampled = sample_clients(spec, round_index, attempt)
+            inits = {client: run.aggregator.client_init.remote(client, run.client_ranks[client]) for client in sampled}
+            ray.get(run.aggregator.begin_round.remote(sampled))
+            try:
+                retried = _run_clients(run, round_index, attempt, inits, show=self.show, between=self.settle_if_ready)
+                metrics = ray.get(run.aggregator.end_round.remote())
+                break
+            except TooFewClients as error:
+                attempts_failures.append(failure_reason(error))
+                self.show(f"round {round_index + 1}: too few clients, sampling again")
+            except BaseException:
+                ray.get(run.aggregator.abandon_round.remote())
+                raise
+        else:
+            raise RunFailed(
+                f"round {round_index + 1} failed {spec.reliability.round_attempts} times ({attempts_failures[-1]}); "
+                f"the checkpoint of round {round_index} in {run.run_dir} is valid: fix the cause and "
+                f"`fedray run --resume {run.run_dir}`"
+            )
+        failures = metrics.pop("failures")
+        metrics["round_attempts"] = float(attempt + 1)
+        metrics["client_retries"] = float(sum(len(reasons) for reasons in retried.values()))
+        record = {"round": round_index, "clients": sampled, **metrics, "failures": failures, "retries": retried}
+        last = round_index == spec.rounds - 1
+        evaluation = _evaluate(run) if last or (round_index + 1) % spec.eval.every == 0 else []
+        state = run.aggregator.state.remote()  # before the next round changes it (the actor runs calls in order)
+        self.settle()  # the round before, first
+        self._unsettled = _Unsettled(round_index, record, started, evaluation, state)
+        if last or not evaluation:
+            self.settle()
+
+    def settle_if_ready(self) -> None:
+        """Settle the unsettled round if its evaluation is in (never waits)."""
+        pending = self._unsettled
+        if pending is not None and pending.evaluation:
+            _, waiting = ray.wait(pending.evaluation, num_returns=len(pending.evaluation), timeout=0)
+            if waiting:
+                return
+        self.settle()
+
+    def settle(self) -> None:
+        """Wait for the unsettled round's evaluation; write its checkpoint and metrics, log them."""
+        pending, self._unsettled = self._unsettled, None
+        if pending is None:
+            return
+        run, record = self.run, dict(pending.record)
+        failures, retries = record.pop("failures"), record.pop("retries")
+        if pending.evaluation:
+            record |= _metrics(run, ray.get(pending.evaluation))
+        record["round_s"] = pending.round_s if pending.round_s is not None else time.perf_counter() - pending.started
+        record |= {"failures": failures, "retries": retries}
+        method_state, head, server_state = ray.get(pending.state)
+        info = {
+            "run_id": run.tracker.run_id,
+            "tracking_uri": run.tracker.uri,
+            "experiment": run.spec.name,
+            "spec_digest": run.spec.digest(),
+            "metrics": record,
+        }
+        write_checkpoint(run.run_dir, pending.round_index, method_state, head, info, server_state)
+        outputs.append_metrics(run.run_dir, record)
+        if run.remote is not None:
+            run.remote.upload_round(pending.round_index)
+        ray.get(run.aggregator.log_metrics.remote(pending.round_index, outputs.numbers(record)))
+        self.done(record)
+
+    def settle_or_drop(self, *, wait: bool) -> None:
+        """After a lost actor (``wait``) or on a stop (not waiting): settle the unsettled
+        round if its evaluation is (or, waiting, comes) in and its state can still be read,
+        else drop it, to be replayed from the checkpoint before it."""
+        with contextlib.suppress(ray.exceptions.RayError):
+            if wait:
+                self.settle()
+            else:
+                self.settle_if_ready()
+        self._unsettled = None
 
 
 def _run_clients(
-    run: RunContext, round_index: int, attempt: int, inits: dict[int, Any], show: Show
+    run: RunContext,
+    round_index: int,
+    attempt: int,
+    inits: dict[int, Any],
+    *,
+    show: Show,
+    between: Callable[[], None],
 ) -> dict[str, list[str]]:
     """Train the sampled clients (``inits``: their starts' refs); hand each result to the actor as it finishes.
+    ``between`` runs at every look at the tasks (it settles the round before once its evaluation is in).
 
     Returns, per client that was retried, why each of its failed tries failed."""
     spec, reliability = run.spec, run.spec.reliability
@@ -194,18 +279,25 @@ def _run_clients(
                     del pending[task]
                     failed(entry, f"timed out after {reliability.client_timeout_s} s")
         show(f"round {round_index + 1}: clients {finished}/{len(inits)}")
+        between()
     ray.get(acknowledgements)
     return retried
 
 
-def _evaluate(run: RunContext, state_ref) -> dict[str, float]:
-    """The global model's metrics, from one evaluation task or from ``run.eval_parts`` at once."""
+def _evaluate(run: RunContext) -> list:
+    """Launch the evaluation of the actor's global model now: one task, or ``run.eval_parts``
+    at once (each scoring every k-th batch); their refs."""
+    state_ref = run.aggregator.global_state.remote()
     launch = eval_task.options(**run.resources).remote
     if run.eval_parts == 1:
-        return ray.get(launch(run.run_key, [run.shared_ref], state_ref, run.spec))
+        return [launch(run.run_key, [run.shared_ref], state_ref, run.spec)]
     count = run.eval_parts
-    parts = [launch(run.run_key, [run.shared_ref], state_ref, run.spec, (index, count)) for index in range(count)]
-    return classification_metrics(ray.get(parts))
+    return [launch(run.run_key, [run.shared_ref], state_ref, run.spec, (index, count)) for index in range(count)]
+
+
+def _metrics(run: RunContext, parts: list) -> dict[str, float]:
+    """The evaluation's metrics from its tasks' results (combined when split)."""
+    return parts[0] if run.eval_parts == 1 else classification_metrics(parts)
 
 
 def failure_reason(error: BaseException) -> str:
